@@ -1,0 +1,39 @@
+#pragma once
+// The torch_mla operators as C++ functions. Each call goes through the dispatcher, so it reaches
+// the Autograd kernel (autograd/), then the CPU or CUDA kernel (cpu/, cuda/) or the Meta kernel
+// (meta/). Shapes: DESIGN.md §3; padded q (B, S, H, Dn+Dr), packed q (T, H, Dn+Dr).
+#include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
+
+#include <optional>
+#include <tuple>
+
+namespace torch_mla {
+
+// Returns (out, lse): out (B, S, H, Dv) / (T, H, Dv) in q's dtype, lse (B, S, H) / (T, H) in
+// float32 (float64 for float64 inputs). max_seqlen <= 0 means "not given" (packed inputs only).
+std::tuple<at::Tensor, at::Tensor> mla_attention(
+    const at::Tensor& q,
+    const at::Tensor& kv_latent,
+    const at::Tensor& k_rope,
+    const at::Tensor& wkv_b,
+    double softmax_scale,
+    bool causal,
+    const std::optional<at::Tensor>& cu_seqlens,
+    c10::SymInt max_seqlen);
+
+// Returns (grad_q, grad_kv_latent, grad_k_rope, grad_wkv_b), each shaped like its input.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_attention_backward(
+    const at::Tensor& grad_out,
+    const at::Tensor& q,
+    const at::Tensor& kv_latent,
+    const at::Tensor& k_rope,
+    const at::Tensor& wkv_b,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    double softmax_scale,
+    bool causal,
+    const std::optional<at::Tensor>& cu_seqlens,
+    c10::SymInt max_seqlen);
+
+}  // namespace torch_mla

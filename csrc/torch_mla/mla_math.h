@@ -1,0 +1,59 @@
+#pragma once
+// Tile bookkeeping and online-softmax arithmetic shared by the CPU kernels and the CUDA kernels,
+// so that the CPU tests exercise the same masking and rescaling code the GPU runs.
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define TORCH_MLA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define TORCH_MLA_HOST_DEVICE inline
+#endif
+
+namespace torch_mla {
+
+TORCH_MLA_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Keys [0, key_end) of a sequence of length `seqlen` are visible to the query rows [q_begin, q_end)
+// (positions relative to the sequence start; q and kv lengths are equal in training).
+TORCH_MLA_HOST_DEVICE int64_t visible_key_end(int64_t q_end, int64_t seqlen, bool causal) {
+  return causal ? (q_end < seqlen ? q_end : seqlen) : seqlen;
+}
+
+// First query row that sees any key of the block starting at `k_begin`.
+TORCH_MLA_HOST_DEVICE int64_t first_query_seeing(int64_t k_begin, bool causal) {
+  return causal ? k_begin : 0;
+}
+
+TORCH_MLA_HOST_DEVICE bool is_masked(int64_t q_pos, int64_t k_pos, bool causal) {
+  return causal && k_pos > q_pos;
+}
+
+// Running max and denominator of one query row's softmax, updated one key block at a time
+// (FlashAttention's online softmax). `acc_t` is float for bf16/fp16/fp32 inputs, double for fp64.
+template <typename acc_t>
+struct OnlineSoftmaxRow {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t sum = 0;
+
+  // Takes the block's row maximum; returns the factor by which the old sum and output
+  // accumulator must be multiplied. The new maximum is then in `max`.
+  TORCH_MLA_HOST_DEVICE acc_t rescale_to(acc_t block_max) {
+    const acc_t new_max = block_max > max ? block_max : max;
+    const acc_t factor =
+        max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp(max - new_max);
+    max = new_max;
+    sum *= factor;
+    return factor;
+  }
+
+  // log(sum_j exp(s_j)); -inf for a row that saw no key.
+  TORCH_MLA_HOST_DEVICE acc_t lse() const {
+    return sum > 0 ? max + std::log(sum) : -std::numeric_limits<acc_t>::infinity();
+  }
+};
+
+}  // namespace torch_mla

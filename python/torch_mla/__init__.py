@@ -1,0 +1,20 @@
+"""torch_mla: Multi-Head Latent Attention for training, saving only the latents for backward.
+
+`mla_attention` is the functional op; `reference.mla_attention_reference` is the float64-capable
+specification every kernel is tested against.
+"""
+from pathlib import Path
+
+import torch
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+torch.ops.load_library(str(_PACKAGE_DIR / "lib" / "libtorch_mla.so"))
+
+#: Pass to CMake (``-DCMAKE_PREFIX_PATH``) to build C++ code against the library in this package.
+cmake_prefix_path = str(_PACKAGE_DIR)
+
+from .functional import mla_attention  # noqa: E402
+from . import reference  # noqa: E402
+
+__all__ = ["mla_attention", "reference", "cmake_prefix_path"]
+__version__ = "0.1.0"

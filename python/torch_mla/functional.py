@@ -1,0 +1,47 @@
+"""The functional API over the ``torch.ops.torch_mla`` operators."""
+from typing import Optional
+
+import torch
+
+
+def default_softmax_scale(q: torch.Tensor) -> float:
+    """``(Dn + Dr) ** -0.5``: q's last dimension is Dn + Dr."""
+    return q.shape[-1] ** -0.5
+
+
+def mla_attention(
+    q: torch.Tensor,
+    kv_latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    wkv_b: torch.Tensor,
+    *,
+    softmax_scale: Optional[float] = None,
+    causal: bool = True,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+    return_lse: bool = False,
+):
+    """Multi-Head Latent Attention from the latents; saves only the latents for backward.
+
+    K and V are expanded inside (``kv_latent @ wkv_b.T``, per head ``[k_nope | v]``), used, and
+    freed; the backward recomputes them. ``k_rope`` is shared by all heads.
+
+    Shapes (padded batch | packed, when ``cu_seqlens`` is given):
+        q:          (B, S, H, Dn+Dr) | (T, H, Dn+Dr), per head ``[q_nope | q_rope]``
+        kv_latent:  (B, S, Dc)       | (T, Dc)
+        k_rope:     (B, S, Dr)       | (T, Dr)
+        wkv_b:      (H*(Dn+Dv), Dc), Hugging Face's ``kv_b_proj.weight`` (rows interleaved per head)
+        cu_seqlens: (B+1,) int32 sequence starts in the packed layout, 0 first and T last
+        max_seqlen: longest packed sequence, if known (saves a device sync on CUDA)
+        returns out (B, S, H, Dv) | (T, H, Dv), and with ``return_lse`` also
+        lse (B, S, H) | (T, H) in float32 (float64 for float64 inputs)
+
+    ``softmax_scale=None`` means ``(Dn+Dr) ** -0.5``; ``causal`` masks within each sequence.
+    """
+    if softmax_scale is None:
+        softmax_scale = default_softmax_scale(q)
+    out, lse = torch.ops.torch_mla.mla_attention(
+        q, kv_latent, k_rope, wkv_b, float(softmax_scale), bool(causal), cu_seqlens,
+        0 if max_seqlen is None else max_seqlen,
+    )
+    return (out, lse) if return_lse else out

@@ -1,0 +1,61 @@
+"""The specification of mla_attention in plain PyTorch (DESIGN.md §4): expands K and V per head,
+builds the full score matrix and softmax. Slow and memory-hungry by design; every kernel is
+tested against it, in float64 where the test needs exact figures.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+
+def expand_kv(kv_latent: torch.Tensor, wkv_b: torch.Tensor, num_heads: int, dim_nope: int
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(…, Dc) latents → k_nope (…, H, Dn) and v (…, H, Dv), wkv_b's rows interleaved per head."""
+    kv = (kv_latent @ wkv_b.t()).unflatten(-1, (num_heads, -1))
+    return kv[..., :dim_nope], kv[..., dim_nope:]
+
+
+def _attention_padded(q, kv_latent, k_rope, wkv_b, softmax_scale, causal):
+    """q (B, S, H, Dn+Dr) → out (B, S, H, Dv), lse (B, S, H)."""
+    num_heads, dim_rope = q.shape[-2], k_rope.shape[-1]
+    dim_nope = q.shape[-1] - dim_rope
+    k_nope, v = expand_kv(kv_latent, wkv_b, num_heads, dim_nope)
+    k = torch.cat([k_nope, k_rope.unsqueeze(-2).expand(*k_nope.shape[:-1], dim_rope)], dim=-1)
+    scores = torch.einsum("bshd,bthd->bhst", q, k) * softmax_scale
+    if causal:
+        seqlen = q.shape[1]
+        mask = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    lse = torch.logsumexp(scores.float() if scores.dtype != torch.float64 else scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhst,bthd->bshd", probs, v)
+    return out, lse.transpose(1, 2)
+
+
+def mla_attention_reference(
+    q: torch.Tensor,
+    kv_latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    wkv_b: torch.Tensor,
+    *,
+    softmax_scale: Optional[float] = None,
+    causal: bool = True,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+):
+    """Same arguments, shapes and results as :func:`torch_mla.mla_attention`."""
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    if cu_seqlens is None:
+        out, lse = _attention_padded(q, kv_latent, k_rope, wkv_b, softmax_scale, causal)
+    else:
+        bounds = cu_seqlens.tolist()
+        outs, lses = [], []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            o, l = _attention_padded(q[None, start:end], kv_latent[None, start:end],
+                                     k_rope[None, start:end], wkv_b, softmax_scale, causal)
+            outs.append(o[0])
+            lses.append(l[0])
+        dim_v = wkv_b.shape[0] // q.shape[-2] - (q.shape[-1] - k_rope.shape[-1])
+        out = torch.cat(outs) if outs else q.new_empty(0, q.shape[-2], dim_v)
+        lse = torch.cat(lses) if lses else q.new_empty(0, q.shape[-2], dtype=torch.float32)
+    return (out, lse) if return_lse else out
