@@ -15,6 +15,7 @@ cmake_prefix_path = str(_PACKAGE_DIR)
 
 from .functional import mla_attention  # noqa: E402
 from . import reference  # noqa: E402
+from .memory import SavedTensors  # noqa: E402
 
-__all__ = ["mla_attention", "reference", "cmake_prefix_path"]
+__all__ = ["mla_attention", "reference", "SavedTensors", "cmake_prefix_path"]
 __version__ = "0.1.0"

@@ -1,0 +1,95 @@
+"""Bad input gives a ValueError that names the argument and what was expected (never a crash)."""
+import pytest
+import torch
+
+import torch_mla
+from mla_testing import SMALL, make_inputs
+
+B, S = 2, 5
+H, DN, DR, DV, DC = SMALL.heads, SMALL.nope, SMALL.rope, SMALL.v, SMALL.latent
+
+
+def padded():
+    inputs, _ = make_inputs(SMALL, batch=B, seqlen=S, requires_grad=False)
+    return inputs
+
+
+def packed(seqlens=(2, 3)):
+    return make_inputs(SMALL, seqlens=list(seqlens), requires_grad=False)
+
+
+def call(inputs, **kwargs):
+    return torch_mla.mla_attention(**inputs, **kwargs)
+
+
+PADDED_CASES = {
+    "q rank": (dict(q=torch.randn(B * S, H, DN + DR)), r"q must have shape \(B, S, H, Dn\+Dr\)"),
+    "kv_latent rank": (dict(kv_latent=torch.randn(B, S, 1, DC)), r"kv_latent must have shape \(B, S, Dc\)"),
+    "k_rope rank": (dict(k_rope=torch.randn(B, S)), r"k_rope must have shape \(B, S, Dr\)"),
+    "wkv_b rank": (dict(wkv_b=torch.randn(H, DN + DV, DC)), r"wkv_b must have shape \(H\*\(Dn\+Dv\), Dc\)"),
+    "kv_latent batch": (dict(kv_latent=torch.randn(B + 1, S, DC)), r"kv_latent .* B \(from q\) = 2"),
+    "k_rope seqlen": (dict(k_rope=torch.randn(B, S + 1, DR)), r"k_rope .* S \(from q\) = 5"),
+    "wkv_b latent width": (dict(wkv_b=torch.randn(H * (DN + DV), DC + 1)), r"wkv_b .* Dc = 32"),
+    "wkv_b rows not divisible by H": (dict(wkv_b=torch.randn(H * (DN + DV) + 1, DC)), r"wkv_b .* not divisible by H"),
+    "Dv zero": (dict(wkv_b=torch.randn(H * DN, DC)), r"wkv_b .* Dv >= 1"),
+    "Dr too wide": (dict(k_rope=torch.randn(B, S, DN + DR)), r"k_rope's last dimension Dr .* must be smaller"),
+    "mixed dtype": (dict(kv_latent=torch.randn(B, S, DC, dtype=torch.float64)), r"kv_latent must have the same dtype as q"),
+    "integer dtype": (dict(q=torch.ones(B, S, H, DN + DR, dtype=torch.int64)), r"q must be float64, float32, bfloat16 or float16"),
+    "inner stride": (dict(k_rope=torch.randn(B, S, DR * 2)[..., ::2]), r"k_rope must be contiguous in its last dimension"),
+    "meta device": (dict(wkv_b=torch.randn(H * (DN + DV), DC, device="meta")), r"wkv_b must be on the same device as q"),
+}
+
+
+@pytest.mark.parametrize("case", list(PADDED_CASES))
+def test_bad_padded_input(case):
+    replace, message = PADDED_CASES[case]
+    inputs = {**padded(), **replace}
+    with pytest.raises(ValueError, match=message):
+        call(inputs)
+
+
+def cu(*values, dtype=torch.int32):
+    return torch.tensor(values, dtype=dtype)
+
+
+PACKED_CASES = {
+    "cu_seqlens int64": (dict(cu_seqlens=cu(0, 2, 5, dtype=torch.int64)), r"cu_seqlens must be int32"),
+    "cu_seqlens 2-D": (dict(cu_seqlens=cu(0, 2, 5).view(1, 3)), r"cu_seqlens must be a 1-D tensor"),
+    "cu_seqlens empty": (dict(cu_seqlens=cu()), r"cu_seqlens must be a 1-D tensor of shape \(B\+1,\)"),
+    "cu_seqlens start": (dict(cu_seqlens=cu(1, 2, 5)), r"cu_seqlens must start at 0"),
+    "cu_seqlens decreasing": (dict(cu_seqlens=cu(0, 3, 2, 5)), r"cu_seqlens must be non-decreasing"),
+    "cu_seqlens end": (dict(cu_seqlens=cu(0, 2, 4)), r"cu_seqlens must end at T = 5"),
+    "max_seqlen too small": (dict(cu_seqlens=cu(0, 2, 5), max_seqlen=2), r"max_seqlen \(2\) is smaller"),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKED_CASES))
+def test_bad_packed_input(case):
+    inputs, _ = packed()
+    kwargs, message = PACKED_CASES[case]
+    with pytest.raises(ValueError, match=message):
+        call(inputs, **kwargs)
+
+
+def test_packed_with_padded_shapes():
+    inputs = padded()
+    with pytest.raises(ValueError, match=r"q must have shape \(T, H, Dn\+Dr\) \(packed, cu_seqlens given\)"):
+        call(inputs, cu_seqlens=cu(0, 5, 10))
+
+
+def test_packed_token_count_mismatch():
+    inputs, cu_seqlens = packed()
+    inputs["k_rope"] = inputs["k_rope"][:-1]
+    with pytest.raises(ValueError, match=r"k_rope .* T \(from q\) = 5"):
+        call(inputs, cu_seqlens=cu_seqlens)
+
+
+def test_backward_op_checks_grad_out():
+    inputs = padded()
+    out, lse = torch.ops.torch_mla.mla_attention(*inputs.values(), 0.1, True, None, 0)
+    with pytest.raises(ValueError, match=r"grad_out must have shape \(B, S, H, Dv\)"):
+        torch.ops.torch_mla.mla_attention_backward(out[..., :-1], *inputs.values(), out, lse, 0.1, True,
+                                                   None, 0)
+    with pytest.raises(ValueError, match=r"lse must be Float"):
+        torch.ops.torch_mla.mla_attention_backward(out, *inputs.values(), out, lse.double(), 0.1, True,
+                                                   None, 0)
