@@ -1,0 +1,209 @@
+// The q-latent op: schema, dispatcher entry, the q expansion shared with its backward, and the
+// forward for every backend (CompositeExplicitAutograd: ATen + mla_attention, so CPU, CUDA and
+// Meta/fake tensors all run the same code and reach mla_attention's own kernels).
+#include "torch_mla/q_latent/mla_attention_q_latent.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <utility>
+#include <vector>
+
+#include "torch_mla/mla_attention.h"
+#include "torch_mla/q_latent/q_expand.h"
+
+namespace torch_mla {
+namespace {
+
+constexpr const char* kOp = "torch_mla.mla_attention_q_latent: ";
+
+// The two halves of every rotated pair along the last dimension (views).
+std::pair<at::Tensor, at::Tensor> split_pairs(const at::Tensor& x, bool interleave) {
+  if (interleave) {
+    return {x.slice(-1, 0, std::nullopt, 2), x.slice(-1, 1, std::nullopt, 2)};
+  }
+  const c10::SymInt half = x.sym_size(-1) / 2;
+  return {x.narrow_symint(-1, 0, half), x.narrow_symint(-1, half, half)};
+}
+
+at::Tensor join_pairs(const at::Tensor& a, const at::Tensor& b, bool interleave) {
+  return interleave ? at::stack({a, b}, -1).flatten(-2) : at::cat({a, b}, -1);
+}
+
+// cos/sin (…, Dr/2) broadcast over heads, in the precision the rotation is computed in.
+std::pair<at::Tensor, at::Tensor> rotation(const at::Tensor& cos, const at::Tensor& sin,
+                                           at::ScalarType opmath) {
+  return {cos.to(opmath).unsqueeze(-2), sin.to(opmath).unsqueeze(-2)};
+}
+
+// The transpose of rotate_q_ on a gradient, in place: dx1 = g1·cos + g2·sin, dx2 = g2·cos − g1·sin.
+void rotate_q_transposed_(at::Tensor& grad_q, const at::Tensor& cos, const at::Tensor& sin,
+                          bool interleave) {
+  at::Tensor g_rope = rope_part(grad_q, cos);
+  const auto opmath = at::toOpMathType(grad_q.scalar_type());
+  const auto [c, s] = rotation(cos, sin, opmath);
+  const auto [g1, g2] = split_pairs(g_rope.to(opmath), interleave);
+  g_rope.copy_(join_pairs(g1 * c + g2 * s, g2 * c - g1 * s, interleave));
+}
+
+}  // namespace
+
+at::Tensor rope_part(const at::Tensor& q, const at::Tensor& cos) {
+  const c10::SymInt dim_rope = cos.sym_size(-1) * 2;
+  return q.narrow_symint(-1, q.sym_size(-1) - dim_rope, dim_rope);
+}
+
+at::Tensor project_q(const at::Tensor& q_latent, const at::Tensor& wq_b, int64_t num_heads) {
+  std::vector<c10::SymInt> shape(q_latent.sym_sizes().begin(), q_latent.sym_sizes().end() - 1);
+  shape.emplace_back(num_heads);
+  shape.push_back(wq_b.sym_size(0) / num_heads);
+  return at::matmul(q_latent, wq_b.t()).view_symint(shape);
+}
+
+void rotate_q_(at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin, bool interleave) {
+  at::Tensor q_rope = rope_part(q, cos);
+  const auto opmath = at::toOpMathType(q.scalar_type());
+  const auto [c, s] = rotation(cos, sin, opmath);
+  const auto [x1, x2] = split_pairs(q_rope.to(opmath), interleave);
+  q_rope.copy_(join_pairs(x1 * c - x2 * s, x2 * c + x1 * s, interleave));
+}
+
+void check_q_latent_inputs(
+    const at::Tensor& q_latent,
+    const at::Tensor& wq_b,
+    const at::Tensor& cos,
+    const at::Tensor& sin,
+    const at::Tensor& k_rope,
+    int64_t num_heads,
+    const std::optional<at::Tensor>& cu_seqlens) {
+  TORCH_CHECK_VALUE(q_latent.defined() && wq_b.defined() && cos.defined() && sin.defined() &&
+                        k_rope.defined(),
+                    kOp, "q_latent, wq_b, cos, sin and k_rope must be defined tensors");
+  const bool varlen = cu_seqlens.has_value() && cu_seqlens->defined();
+  const int64_t rank = varlen ? 2 : 3;
+  const char* shape = varlen ? "(T, Lq) (packed, cu_seqlens given)" : "(B, S, Lq) (padded batch)";
+  TORCH_CHECK_VALUE(q_latent.dim() == rank, kOp, "q_latent must have shape ", shape, ", got shape ",
+                    q_latent.sym_sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(q_latent.scalar_type()), kOp,
+                    "q_latent must be a floating-point tensor, got ", q_latent.scalar_type());
+  TORCH_CHECK_VALUE(wq_b.scalar_type() == q_latent.scalar_type() && wq_b.device() == q_latent.device(),
+                    kOp, "wq_b must have q_latent's dtype and device (", q_latent.scalar_type(), ", ",
+                    q_latent.device(), "), got ", wq_b.scalar_type(), ", ", wq_b.device());
+  TORCH_CHECK_VALUE(num_heads >= 1, kOp, "num_heads must be at least 1, got ", num_heads);
+  TORCH_CHECK_VALUE(
+      wq_b.dim() == 2 && wq_b.sym_size(1) == q_latent.sym_size(-1) && wq_b.sym_size(0) % num_heads == 0,
+      kOp, "wq_b must have shape (H*(Dn+Dr), Lq) with H = ", num_heads, " and Lq = ",
+      q_latent.sym_size(-1), " (q_latent's last dimension), got shape ", wq_b.sym_sizes());
+  const c10::SymInt dim_rope = k_rope.sym_size(-1);
+  TORCH_CHECK_VALUE(dim_rope % 2 == 0, kOp, "k_rope's last dimension Dr must be even (RoPE rotates pairs), got ",
+                    dim_rope);
+  TORCH_CHECK_VALUE(wq_b.sym_size(0) / num_heads > dim_rope, kOp, "wq_b's rows per head (Dn+Dr = ",
+                    wq_b.sym_size(0) / num_heads, ") must exceed k_rope's last dimension Dr (", dim_rope, ")");
+  for (const auto& [t, arg] : {std::pair<const at::Tensor&, const char*>{cos, "cos"},
+                               std::pair<const at::Tensor&, const char*>{sin, "sin"}}) {
+    TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()) && t.scalar_type() == cos.scalar_type(), kOp,
+                      arg, " must be floating point, cos and sin of one dtype, got ", cos.scalar_type(),
+                      " and ", sin.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == q_latent.device(), kOp, arg, " must be on q_latent's device (",
+                      q_latent.device(), "), got ", t.device());
+    bool ok = t.dim() == rank && t.sym_size(-1) == dim_rope / 2;
+    for (int64_t i = 0; ok && i < rank - 1; ++i) ok = t.sym_size(i) == q_latent.sym_size(i);
+    TORCH_CHECK_VALUE(ok, kOp, arg, " must have shape ", varlen ? "(T, Dr/2)" : "(B, S, Dr/2)",
+                      " matching q_latent ", q_latent.sym_sizes(), " and Dr = ", dim_rope,
+                      ", got shape ", t.sym_sizes());
+  }
+}
+
+ExpandQGrads expand_q_backward(
+    at::Tensor grad_q,
+    const at::Tensor& q_rope,
+    const at::Tensor& q_latent,
+    const at::Tensor& wq_b,
+    const at::Tensor& cos,
+    const at::Tensor& sin,
+    bool rope_interleave,
+    bool need_q_latent,
+    bool need_wq_b,
+    bool need_rope) {
+  ExpandQGrads grads;
+  if (need_rope) {
+    const auto opmath = at::toOpMathType(grad_q.scalar_type());
+    const auto [x1, x2] = split_pairs(q_rope.to(opmath), rope_interleave);
+    const auto [g1, g2] = split_pairs(rope_part(grad_q, cos).to(opmath), rope_interleave);
+    grads.cos = (g1 * x1 + g2 * x2).sum(-2).to(cos.scalar_type());
+    grads.sin = (g2 * x1 - g1 * x2).sum(-2).to(sin.scalar_type());
+  }
+  if (need_q_latent || need_wq_b) {
+    rotate_q_transposed_(grad_q, cos, sin, rope_interleave);
+    const at::Tensor g = grad_q.flatten(-2);  // (…, H·(Dn+Dr)), wq_b's row layout
+    if (need_q_latent) grads.q_latent = at::matmul(g, wq_b);
+    if (need_wq_b) {
+      grads.wq_b = at::mm(g.reshape_symint({-1, g.sym_size(-1)}).t(),
+                          q_latent.reshape_symint({-1, q_latent.sym_size(-1)}));
+    }
+  }
+  return grads;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent_composite(
+    const at::Tensor& q_latent,
+    const at::Tensor& wq_b,
+    const at::Tensor& cos,
+    const at::Tensor& sin,
+    const at::Tensor& kv_latent,
+    const at::Tensor& k_rope,
+    const at::Tensor& wkv_b,
+    int64_t num_heads,
+    double softmax_scale,
+    bool causal,
+    bool rope_interleave,
+    const std::optional<at::Tensor>& cu_seqlens,
+    c10::SymInt max_seqlen) {
+  check_q_latent_inputs(q_latent, wq_b, cos, sin, k_rope, num_heads, cu_seqlens);
+  at::Tensor q = project_q(q_latent, wq_b, num_heads);
+  rotate_q_(q, cos, sin, rope_interleave);
+  return mla_attention(q, kv_latent, k_rope, wkv_b, softmax_scale, causal, cu_seqlens,
+                       std::move(max_seqlen));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
+  m.def(
+      "mla_attention_q_latent(Tensor q_latent, Tensor wq_b, Tensor cos, Tensor sin, "
+      "Tensor kv_latent, Tensor k_rope, Tensor wkv_b, int num_heads, float softmax_scale, "
+      "bool causal, bool rope_interleave, Tensor? cu_seqlens, SymInt max_seqlen) "
+      "-> (Tensor out, Tensor lse)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(torch_mla, CompositeExplicitAutograd, m) {
+  m.impl("mla_attention_q_latent", TORCH_FN(mla_attention_q_latent_composite));
+}
+
+std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent(
+    const at::Tensor& q_latent,
+    const at::Tensor& wq_b,
+    const at::Tensor& cos,
+    const at::Tensor& sin,
+    const at::Tensor& kv_latent,
+    const at::Tensor& k_rope,
+    const at::Tensor& wkv_b,
+    int64_t num_heads,
+    double softmax_scale,
+    bool causal,
+    bool rope_interleave,
+    const std::optional<at::Tensor>& cu_seqlens,
+    c10::SymInt max_seqlen) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mla::mla_attention_q_latent", "")
+                       .typed<decltype(mla_attention_q_latent)>();
+  return op.call(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, num_heads, softmax_scale, causal,
+                 rope_interleave, cu_seqlens, std::move(max_seqlen));
+}
+
+}  // namespace torch_mla
