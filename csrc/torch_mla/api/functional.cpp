@@ -1,0 +1,29 @@
+#include "torch_mla/api/functional.h"
+
+#include <cmath>
+
+#include "torch_mla/mla_attention.h"
+
+namespace torch_mla {
+
+double default_softmax_scale(const at::Tensor& q) {
+  TORCH_CHECK_VALUE(q.defined() && q.dim() >= 1,
+                    "torch_mla.mla_attention: q must be a tensor of shape (..., H, Dn+Dr)");
+  return 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+}
+
+at::Tensor mla_attention(
+    const at::Tensor& q,
+    const at::Tensor& kv_latent,
+    const at::Tensor& k_rope,
+    const at::Tensor& wkv_b,
+    const MlaOptions& options) {
+  const double scale = options.softmax_scale() ? *options.softmax_scale() : default_softmax_scale(q);
+  // The dispatcher op reaches the Autograd kernel (our C++ autograd Function), then the device
+  // kernel; lse is only needed by the backward, which the Function keeps itself.
+  auto [out, lse] = mla_attention(q, kv_latent, k_rope, wkv_b, scale, options.causal(),
+                                  options.cu_seqlens(), c10::SymInt(options.max_seqlen()));
+  return out;
+}
+
+}  // namespace torch_mla

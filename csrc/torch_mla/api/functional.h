@@ -1,0 +1,45 @@
+#pragma once
+// The C++ functional API: torch_mla::mla_attention with autograd, as Python's
+// torch_mla.mla_attention. Shapes: DESIGN.md §3.
+#include <ATen/core/Tensor.h>
+#include <torch/arg.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace torch_mla {
+
+// Options of mla_attention. A default-constructed MlaOptions means causal attention with the
+// default softmax scale (Dn+Dr)^-0.5 over a padded batch. Setters chain:
+//   torch_mla::MlaOptions().causal(false).softmax_scale(0.1)
+struct MlaOptions {
+  // None: (Dn+Dr)^-0.5, from q's last dimension.
+  TORCH_ARG(std::optional<double>, softmax_scale) = std::nullopt;
+  // Mask keys after the query, within each sequence.
+  TORCH_ARG(bool, causal) = true;
+  // (B+1,) int32 sequence starts in the packed layout (0 first, T last); None: padded batch.
+  TORCH_ARG(std::optional<at::Tensor>, cu_seqlens) = std::nullopt;
+  // Longest packed sequence if known (saves a device sync on CUDA); <= 0: not given.
+  TORCH_ARG(int64_t, max_seqlen) = 0;
+};
+
+// Multi-Head Latent Attention from the latents; differentiable in q, kv_latent, k_rope and wkv_b.
+// Only the latents (and q, out, lse) are saved for backward: K and V are expanded inside and
+// recomputed by the backward.
+//
+//   q:         (B, S, H, Dn+Dr) | packed (T, H, Dn+Dr), per head [q_nope | q_rope]
+//   kv_latent: (B, S, Dc)       | (T, Dc)
+//   k_rope:    (B, S, Dr)       | (T, Dr), shared by all heads
+//   wkv_b:     (H*(Dn+Dv), Dc), Hugging Face's kv_b_proj.weight (rows interleaved per head)
+//   returns out (B, S, H, Dv) | (T, H, Dv) in q's dtype
+at::Tensor mla_attention(
+    const at::Tensor& q,
+    const at::Tensor& kv_latent,
+    const at::Tensor& k_rope,
+    const at::Tensor& wkv_b,
+    const MlaOptions& options = {});
+
+// (Dn+Dr)^-0.5 for a q of shape (..., H, Dn+Dr).
+double default_softmax_scale(const at::Tensor& q);
+
+}  // namespace torch_mla

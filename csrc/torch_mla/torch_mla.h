@@ -1,0 +1,10 @@
+#pragma once
+// torch_mla's C++ API, one include for LibTorch users:
+//   torch_mla::mla_attention(q, kv_latent, k_rope, wkv_b, torch_mla::MlaOptions())  (autograd)
+//   torch_mla::MultiHeadLatentAttention (torch::nn module, Hugging Face parameter names)
+//   torch_mla::RMSNorm
+// Link with TorchMLA::torch_mla (find_package(TorchMLA)). The raw dispatcher ops (returning lse,
+// and the backward) are in torch_mla/mla_attention.h.
+#include "torch_mla/api/functional.h"
+#include "torch_mla/api/module.h"
+#include "torch_mla/mla_attention.h"
