@@ -32,6 +32,27 @@ TORCH_MLA_HOST_DEVICE bool is_masked(int64_t q_pos, int64_t k_pos, bool causal) 
   return causal && k_pos > q_pos;
 }
 
+// Token range [begin, begin + len) of sequence b in the packed (T, ...) layout: from cu_seqlens when
+// given, else b·seqlen (a padded batch is packed sequences of equal length).
+struct SeqSpan {
+  int64_t begin;
+  int64_t len;
+};
+
+TORCH_MLA_HOST_DEVICE SeqSpan sequence_span(const int32_t* cu_seqlens, int64_t b, int64_t seqlen) {
+  if (cu_seqlens != nullptr) return {cu_seqlens[b], cu_seqlens[b + 1] - cu_seqlens[b]};
+  return {b * seqlen, seqlen};
+}
+
+// Whether the score tile of query rows [q_begin, q_begin + rows) × keys [k_begin, k_begin + cols)
+// of a sequence of length `seqlen` holds an entry that is masked or past the sequence end, so that
+// a kernel must mask it entry by entry (tiles inside the visible triangle skip that work).
+TORCH_MLA_HOST_DEVICE bool tile_needs_mask(int64_t q_begin, int64_t rows, int64_t k_begin, int64_t cols,
+                                           int64_t seqlen, bool causal) {
+  return q_begin + rows > seqlen || k_begin + cols > seqlen ||
+         (causal && k_begin + cols - 1 > q_begin);
+}
+
 // Running max and denominator of one query row's softmax, updated one key block at a time
 // (FlashAttention's online softmax). `acc_t` is float for bf16/fp16/fp32 inputs, double for fp64.
 template <typename acc_t>
