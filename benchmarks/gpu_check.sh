@@ -40,7 +40,7 @@ build() {
   cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTORCH_MLA_CUDA=ON \
     -DCMAKE_PREFIX_PATH="$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
     -DPython_EXECUTABLE="$(command -v "$PYTHON")" \
-    ${root:+-DCUDA_TOOLKIT_ROOT_DIR=$root -DCUDAToolkit_ROOT=$root} >/dev/null &&
+    ${root:+-DCUDA_TOOLKIT_ROOT_DIR=$root -DCUDAToolkit_ROOT=$root} &&
   cmake --build "$BUILD_DIR" -j "$(nproc)" &&
   cmake --install "$BUILD_DIR" --prefix python/torch_mla >/dev/null &&
   "$PYTHON" -c 'import torch, torch_mla; print("torch", torch.__version__, "| device", torch.cuda.get_device_name(),
@@ -75,9 +75,11 @@ for dn, dr, dv, dc in [(128, 64, 128, 512), (64, 32, 64, 256)]:
 print("sanitizer workload done")
 EOF
 
-sanitize() {  # sanitize TOOL
+sanitize() {  # sanitize TOOL: only torch_mla's kernels are instrumented where the tool can filter
+  local filter=()
+  if compute-sanitizer --help 2>/dev/null | grep -q -- --kernel-regex; then filter=(--kernel-regex kns=mla_); fi
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 \
-    compute-sanitizer --tool "$1" --error-exitcode 1 "$PYTHON" "$SANITIZE_PY"
+    compute-sanitizer --tool "$1" "${filter[@]}" --error-exitcode 1 "$PYTHON" "$SANITIZE_PY"
 }
 
 export PYTHON BUILD_DIR SANITIZE_PY

@@ -362,3 +362,26 @@ def test_backward_peak_memory_is_one_layer_of_kv_dkv_and_dq():
     grads = sum(t.numel() * t.element_size() for t in inputs.values())
     bound = 2 * kv + dq_accum + grads + T * H * 16 + (64 << 20)  # + statistics, cuBLAS workspace
     assert peak <= bound, f"backward peak {peak / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB"
+
+
+def test_non_contiguous_views_match_reference():
+    """The views a model hands over: q a (B, H, S, D) → (B, S, H, D) transpose, kv_latent and
+    k_rope the two halves of kv_a_proj_with_mqa's output, wkv_b a column slice."""
+    dims = DSV3
+    inputs, _ = cuda_inputs(dims, torch.bfloat16, batch=2, seqlen=100, requires_grad=False)
+    q_base = inputs["q"].transpose(1, 2).contiguous().requires_grad_(True)
+    kv_a = torch.cat([inputs["kv_latent"], inputs["k_rope"]], dim=-1).requires_grad_(True)
+    w_base = torch.cat([inputs["wkv_b"], torch.randn_like(inputs["wkv_b"][:, :8])], dim=1).requires_grad_(True)
+    views = dict(q=q_base.transpose(1, 2), kv_latent=kv_a[..., : dims.latent], k_rope=kv_a[..., dims.latent:],
+                 wkv_b=w_base[:, : dims.latent])
+    assert not any(v.is_contiguous() for v in views.values())
+    grad_out = torch.randn(2, 100, dims.heads, dims.v, device=CUDA).to(torch.bfloat16)
+    out = torch_mla.mla_attention(**views)
+    grads = dict(zip(TENSOR_ARGS, torch.autograd.grad(out, [views[k] for k in TENSOR_ARGS], grad_out)))
+    ours = {"out": out.detach(), **grads}
+    ref_out, ref_grads = out_and_grads(mla_attention_reference, {k: v.double() for k, v in inputs.items()}, grad_out)
+    naive_out, naive_grads = out_and_grads(mla_attention_reference, inputs, grad_out)
+    refs, naive = {"out": ref_out, **ref_grads}, {"out": naive_out, **naive_grads}
+    for name in ours:
+        factor = 2 if name == "out" else 3
+        assert max_abs_err(ours[name], refs[name]) <= factor * max_abs_err(naive[name], refs[name]), name
