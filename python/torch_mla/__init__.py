@@ -16,6 +16,10 @@ cmake_prefix_path = str(_PACKAGE_DIR)
 from .functional import mla_attention  # noqa: E402
 from . import reference  # noqa: E402
 from .memory import SavedTensors  # noqa: E402
+from .q_latent import mla_attention_q_latent  # noqa: E402
+from .modules import MultiHeadLatentAttention  # noqa: E402
+from .hf import patch_model  # noqa: E402
 
-__all__ = ["mla_attention", "reference", "SavedTensors", "cmake_prefix_path"]
+__all__ = ["mla_attention", "reference", "SavedTensors", "cmake_prefix_path",
+           "mla_attention_q_latent", "MultiHeadLatentAttention", "patch_model"]
 __version__ = "0.1.0"

@@ -32,28 +32,31 @@ at::Tensor join_pairs(const at::Tensor& a, const at::Tensor& b, bool interleave)
   return interleave ? at::stack({a, b}, -1).flatten(-2) : at::cat({a, b}, -1);
 }
 
-// cos/sin (…, Dr/2) broadcast over heads, in the precision the rotation is computed in.
-std::pair<at::Tensor, at::Tensor> rotation(const at::Tensor& cos, const at::Tensor& sin,
-                                           at::ScalarType opmath) {
-  return {cos.to(opmath).unsqueeze(-2), sin.to(opmath).unsqueeze(-2)};
+// Rotates every pair (x1, x2) of x (…, H, Dr) by cos/sin (…, Dr/2) in float for bf16/fp16, as
+// Hugging Face's DeepSeek-V2 rotary does: o1 = x1·cos − x2·sin, o2 = x2·cos + x1·sin, or with the
+// transposed rotation (the VJP) o1 = x1·cos + x2·sin, o2 = x2·cos − x1·sin. Returns x's dtype.
+at::Tensor rotate_pairs(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                        bool interleave, bool transposed) {
+  const auto opmath = at::toOpMathType(x.scalar_type());
+  const at::Tensor c = cos.to(opmath).unsqueeze(-2), s = sin.to(opmath).unsqueeze(-2);
+  const auto [x1, x2] = split_pairs(x.to(opmath), interleave);
+  const at::Tensor o1 = transposed ? x1 * c + x2 * s : x1 * c - x2 * s;
+  const at::Tensor o2 = transposed ? x2 * c - x1 * s : x2 * c + x1 * s;
+  return join_pairs(o1, o2, interleave).to(x.scalar_type());
 }
 
-// The transpose of rotate_q_ on a gradient, in place: dx1 = g1·cos + g2·sin, dx2 = g2·cos − g1·sin.
-void rotate_q_transposed_(at::Tensor& grad_q, const at::Tensor& cos, const at::Tensor& sin,
-                          bool interleave) {
-  at::Tensor g_rope = rope_part(grad_q, cos);
-  const auto opmath = at::toOpMathType(grad_q.scalar_type());
-  const auto [c, s] = rotation(cos, sin, opmath);
-  const auto [g1, g2] = split_pairs(g_rope.to(opmath), interleave);
-  g_rope.copy_(join_pairs(g1 * c + g2 * s, g2 * c - g1 * s, interleave));
+// [q_nope | rotate(q_rope)] as a new tensor: no in-place update, so that a backward recorded
+// with create_graph=True stays valid.
+at::Tensor rotate_rope_part(const at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin,
+                            bool interleave, bool transposed) {
+  const c10::SymInt dim_rope = cos.sym_size(-1) * 2;
+  const c10::SymInt dim_nope = q.sym_size(-1) - dim_rope;
+  return at::cat({q.narrow_symint(-1, 0, dim_nope),
+                  rotate_pairs(q.narrow_symint(-1, dim_nope, dim_rope), cos, sin, interleave, transposed)},
+                 -1);
 }
 
 }  // namespace
-
-at::Tensor rope_part(const at::Tensor& q, const at::Tensor& cos) {
-  const c10::SymInt dim_rope = cos.sym_size(-1) * 2;
-  return q.narrow_symint(-1, q.sym_size(-1) - dim_rope, dim_rope);
-}
 
 at::Tensor project_q(const at::Tensor& q_latent, const at::Tensor& wq_b, int64_t num_heads) {
   std::vector<c10::SymInt> shape(q_latent.sym_sizes().begin(), q_latent.sym_sizes().end() - 1);
@@ -62,12 +65,8 @@ at::Tensor project_q(const at::Tensor& q_latent, const at::Tensor& wq_b, int64_t
   return at::matmul(q_latent, wq_b.t()).view_symint(shape);
 }
 
-void rotate_q_(at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin, bool interleave) {
-  at::Tensor q_rope = rope_part(q, cos);
-  const auto opmath = at::toOpMathType(q.scalar_type());
-  const auto [c, s] = rotation(cos, sin, opmath);
-  const auto [x1, x2] = split_pairs(q_rope.to(opmath), interleave);
-  q_rope.copy_(join_pairs(x1 * c - x2 * s, x2 * c + x1 * s, interleave));
+at::Tensor rotate_q(const at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin, bool interleave) {
+  return rotate_rope_part(q, cos, sin, interleave, /*transposed=*/false);
 }
 
 void check_q_latent_inputs(
@@ -117,8 +116,8 @@ void check_q_latent_inputs(
 }
 
 ExpandQGrads expand_q_backward(
-    at::Tensor grad_q,
-    const at::Tensor& q_rope,
+    const at::Tensor& grad_q,
+    const at::Tensor& q_projected,
     const at::Tensor& q_latent,
     const at::Tensor& wq_b,
     const at::Tensor& cos,
@@ -129,15 +128,18 @@ ExpandQGrads expand_q_backward(
     bool need_rope) {
   ExpandQGrads grads;
   if (need_rope) {
-    const auto opmath = at::toOpMathType(grad_q.scalar_type());
-    const auto [x1, x2] = split_pairs(q_rope.to(opmath), rope_interleave);
-    const auto [g1, g2] = split_pairs(rope_part(grad_q, cos).to(opmath), rope_interleave);
+    const c10::SymInt dim_rope = cos.sym_size(-1) * 2;
+    const auto rope = [&](const at::Tensor& t) {
+      return t.narrow_symint(-1, t.sym_size(-1) - dim_rope, dim_rope).to(at::toOpMathType(t.scalar_type()));
+    };
+    const auto [x1, x2] = split_pairs(rope(q_projected), rope_interleave);
+    const auto [g1, g2] = split_pairs(rope(grad_q), rope_interleave);
     grads.cos = (g1 * x1 + g2 * x2).sum(-2).to(cos.scalar_type());
     grads.sin = (g2 * x1 - g1 * x2).sum(-2).to(sin.scalar_type());
   }
   if (need_q_latent || need_wq_b) {
-    rotate_q_transposed_(grad_q, cos, sin, rope_interleave);
-    const at::Tensor g = grad_q.flatten(-2);  // (…, H·(Dn+Dr)), wq_b's row layout
+    // (…, H·(Dn+Dr)), wq_b's row layout
+    const at::Tensor g = rotate_rope_part(grad_q, cos, sin, rope_interleave, /*transposed=*/true).flatten(-2);
     if (need_q_latent) grads.q_latent = at::matmul(g, wq_b);
     if (need_wq_b) {
       grads.wq_b = at::mm(g.reshape_symint({-1, g.sym_size(-1)}).t(),
@@ -164,8 +166,7 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent_composite(
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen) {
   check_q_latent_inputs(q_latent, wq_b, cos, sin, k_rope, num_heads, cu_seqlens);
-  at::Tensor q = project_q(q_latent, wq_b, num_heads);
-  rotate_q_(q, cos, sin, rope_interleave);
+  const at::Tensor q = rotate_q(project_q(q_latent, wq_b, num_heads), cos, sin, rope_interleave);
   return mla_attention(q, kv_latent, k_rope, wkv_b, softmax_scale, causal, cu_seqlens,
                        std::move(max_seqlen));
 }

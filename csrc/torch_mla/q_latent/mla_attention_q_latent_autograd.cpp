@@ -53,9 +53,9 @@ class MlaAttentionQLatentFunction : public torch::autograd::Function<MlaAttentio
     const bool rope_interleave = ctx->saved_data["rope_interleave"].toBool();
     const bool need_rope = ctx->needs_input_grad(2) || ctx->needs_input_grad(3);
 
-    at::Tensor q = project_q(q_latent, wq_b, ctx->saved_data["num_heads"].toInt());
-    const at::Tensor q_rope = need_rope ? rope_part(q, cos).clone() : at::Tensor();
-    rotate_q_(q, cos, sin, rope_interleave);
+    at::Tensor q_projected = project_q(q_latent, wq_b, ctx->saved_data["num_heads"].toInt());
+    at::Tensor q = rotate_q(q_projected, cos, sin, rope_interleave);
+    if (!need_rope) q_projected = at::Tensor();
 
     at::Tensor grad_out = grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(out);
     auto [grad_q, grad_kv_latent, grad_k_rope, grad_wkv_b] = mla_attention_backward(
@@ -65,7 +65,7 @@ class MlaAttentionQLatentFunction : public torch::autograd::Function<MlaAttentio
         ctx->saved_data["max_seqlen"].toSymInt());
     q = at::Tensor();  // the recomputed q is not needed past the attention backward
 
-    ExpandQGrads g = expand_q_backward(std::move(grad_q), q_rope, q_latent, wq_b, cos, sin,
+    ExpandQGrads g = expand_q_backward(grad_q, q_projected, q_latent, wq_b, cos, sin,
                                        rope_interleave, ctx->needs_input_grad(0),
                                        ctx->needs_input_grad(1), need_rope);
     return {g.q_latent, g.wq_b, g.cos, g.sin, grad_kv_latent, grad_k_rope, grad_wkv_b,

@@ -21,23 +21,20 @@ void check_q_latent_inputs(
 // q (…, H, Dn+Dr) = c_q · wq_bᵀ per head, q_rope not yet rotated; fresh and contiguous.
 at::Tensor project_q(const at::Tensor& q_latent, const at::Tensor& wq_b, int64_t num_heads);
 
-// The last Dr = 2·cos.size(-1) dims of q (…, H, Dn+Dr), as a view.
-at::Tensor rope_part(const at::Tensor& q, const at::Tensor& cos);
-
-// Rotates q's rope part in place: o1 = x1·cos − x2·sin, o2 = x2·cos + x1·sin for every pair
-// (x1, x2), computed in float for bf16/fp16. Pairs are (2i, 2i+1) with rope_interleave, else
-// (i, i+Dr/2).
-void rotate_q_(at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin, bool rope_interleave);
+// [q_nope | rope(q_rope)], a new tensor: each pair (x1, x2) of q_rope (the last
+// Dr = 2·cos.size(-1) dims) becomes (x1·cos − x2·sin, x2·cos + x1·sin), computed in float for
+// bf16/fp16. Pairs are (2i, 2i+1) with rope_interleave, else (i, i+Dr/2).
+at::Tensor rotate_q(const at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin, bool rope_interleave);
 
 struct ExpandQGrads {
   at::Tensor q_latent, wq_b, cos, sin;  // undefined where not asked for
 };
 
-// The vector-Jacobian product of project_q + rotate_q_ for grad_q (…, H, Dn+Dr), which it
-// overwrites. q_rope is the unrotated rope part of q, needed (and read) only for the cos/sin grads.
+// The vector-Jacobian product of rotate_q(project_q(q_latent, wq_b)) for grad_q (…, H, Dn+Dr).
+// q_projected is project_q's result, read only for the cos/sin grads (need_rope).
 ExpandQGrads expand_q_backward(
-    at::Tensor grad_q,
-    const at::Tensor& q_rope,
+    const at::Tensor& grad_q,
+    const at::Tensor& q_projected,
     const at::Tensor& q_latent,
     const at::Tensor& wq_b,
     const at::Tensor& cos,

@@ -1,0 +1,244 @@
+"""A drop-in Multi-Head Latent Attention block with Hugging Face's DeepSeek-V2/V3 parameter names.
+
+The weights of a ``DeepseekV2Attention`` / ``DeepseekV3Attention`` load into
+:class:`MultiHeadLatentAttention` with ``load_state_dict(strict=True)`` and give the same numbers;
+what autograd keeps for backward shrinks to the latents (DESIGN.md §1).
+"""
+from typing import Any, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .functional import mla_attention
+from .q_latent import mla_attention_q_latent
+from .rope import apply_rope, rope_cos_sin, rope_frequencies, rope_type, softmax_scale
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed as Hugging Face's DeepSeek RMSNorm (in float32, the weight
+    applied in the input dtype)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def latent_attention(
+    attn: nn.Module,
+    hidden_states: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    scale: float,
+    rope_interleave: bool,
+    save_q_latent: bool,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention block of `attn`, any module with Hugging Face's DeepSeek attention
+    submodules and sizes (ours, or a transformers ``DeepseekV2/V3Attention``), through torch_mla.
+
+    hidden_states (B, S, hidden) | packed (T, hidden) with cu_seqlens; cos, sin (B, S, Dr/2) |
+    (T, Dr/2). Returns (output like hidden_states, kv_latent (..., Dc), k_rope (..., Dr) rotated).
+    """
+    dim_rope = attn.qk_rope_head_dim
+    latent_and_rope = attn.kv_a_proj_with_mqa(hidden_states)
+    kv_latent, k_rope = latent_and_rope.split([attn.kv_lora_rank, dim_rope], dim=-1)
+    kv_latent = attn.kv_a_layernorm(kv_latent)
+    k_rope = apply_rope(k_rope, cos, sin, rope_interleave)
+    wkv_b = attn.kv_b_proj.weight
+
+    if save_q_latent:
+        # Without a q latent (q_lora_rank None), the hidden states are q's latent: already kept
+        # for kv_a_proj_with_mqa's backward, so q costs nothing extra.
+        if attn.q_lora_rank is None:
+            q_latent, wq_b = hidden_states, attn.q_proj.weight
+        else:
+            q_latent, wq_b = attn.q_a_layernorm(attn.q_a_proj(hidden_states)), attn.q_b_proj.weight
+        out = mla_attention_q_latent(
+            q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, num_heads=attn.num_heads,
+            softmax_scale=scale, rope_interleave=rope_interleave, cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen)
+    else:
+        if attn.q_lora_rank is None:
+            q = attn.q_proj(hidden_states)
+        else:
+            q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(hidden_states)))
+        q_nope, q_rope = q.unflatten(-1, (attn.num_heads, -1)).split(
+            [attn.qk_nope_head_dim, dim_rope], dim=-1)
+        q_rope = apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2), rope_interleave)
+        out = mla_attention(torch.cat((q_nope, q_rope), dim=-1), kv_latent, k_rope, wkv_b,
+                            softmax_scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    # out (..., H, Dv) is contiguous: o_proj's input is a view of it, so the tensor the op saves
+    # and the one o_proj saves share one storage.
+    return attn.o_proj(out.flatten(-2)), kv_latent, k_rope
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(T,) position of every packed token within its sequence."""
+    cu = cu_seqlens.long()
+    index = torch.arange(tokens, device=cu.device)
+    seq = torch.searchsorted(cu[1:], index, right=True)
+    return index - cu[seq]
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """DeepSeek-V2/V3 Multi-Head Latent Attention (causal), with torch_mla's op inside.
+
+    Parameters are named as Hugging Face's ``DeepseekV2Attention`` / ``DeepseekV3Attention``
+    (``q_a_proj, q_a_layernorm, q_b_proj`` or ``q_proj``, ``kv_a_proj_with_mqa, kv_a_layernorm,
+    kv_b_proj, o_proj``), so their state dicts load with ``strict=True``. RoPE (default or YaRN),
+    the norms and the softmax scale (YaRN mscale² included) are computed as HF computes them.
+
+    Args:
+        hidden_size, num_heads: model width and H.
+        q_lora_rank: Lq, the width of q's latent, or None for a single ``q_proj`` (V2-Lite).
+        kv_lora_rank: Dc, the width of ``kv_latent``.
+        qk_nope_head_dim, qk_rope_head_dim, v_head_dim: Dn, Dr, Dv.
+        rope_theta, rope_scaling: RoPE base and HF's scaling dict (``rope_type``/``type``
+            ``"yarn"`` with ``factor``, ``original_max_position_embeddings``, ``mscale``,
+            ``mscale_all_dim``, ``beta_fast``, ``beta_slow``...), None for plain RoPE.
+        rope_interleave: rotate adjacent pairs (DeepSeek's layout) rather than halves.
+        rms_norm_eps: eps of ``q_a_layernorm`` and ``kv_a_layernorm``.
+        attention_bias: biases on ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``o_proj`` (as HF).
+        save_q_latent: save q's latent (Lq values per token; the hidden states when q_lora_rank
+            is None) for backward instead of q (H·(Dn+Dr)), recomputing q in backward.
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_heads: int,
+        q_lora_rank: Optional[int],
+        kv_lora_rank: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        rope_theta: float = 10000.0,
+        rope_scaling: Optional[Mapping[str, Any]] = None,
+        rope_interleave: bool = True,
+        rms_norm_eps: float = 1e-6,
+        attention_bias: bool = False,
+        save_q_latent: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {qk_rope_head_dim}")
+        factory = dict(device=device, dtype=dtype)
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.q_lora_rank = q_lora_rank
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.rope_theta = rope_theta
+        self.rope_scaling = dict(rope_scaling) if rope_scaling else None
+        self.rope_interleave = rope_interleave
+        self.save_q_latent = save_q_latent
+        self.scaling = softmax_scale(self.qk_head_dim, self.rope_scaling)
+
+        if q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden_size, num_heads * self.qk_head_dim, bias=False, **factory)
+            self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
+        else:
+            self.q_proj = None
+            self.q_a_proj = nn.Linear(hidden_size, q_lora_rank, bias=attention_bias, **factory)
+            self.q_a_layernorm = RMSNorm(q_lora_rank, eps=rms_norm_eps, **factory)
+            self.q_b_proj = nn.Linear(q_lora_rank, num_heads * self.qk_head_dim, bias=False, **factory)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden_size, kv_lora_rank + qk_rope_head_dim,
+                                            bias=attention_bias, **factory)
+        self.kv_a_layernorm = RMSNorm(kv_lora_rank, eps=rms_norm_eps, **factory)
+        self.kv_b_proj = nn.Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim),
+                                   bias=False, **factory)
+        self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=attention_bias, **factory)
+
+        # A plain attribute, not a buffer: module.to(torch.bfloat16) must not round the
+        # frequencies, and HF's attention state dict has no entry for them either.
+        self.inv_freq, self.attention_factor = rope_frequencies(qk_rope_head_dim, rope_theta, self.rope_scaling)
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> "MultiHeadLatentAttention":
+        """From a transformers ``DeepseekV2Config`` / ``DeepseekV3Config`` (or any object with
+        their attribute names); keyword arguments override.
+
+        The norms get eps 1e-6, as HF's DeepSeek attention builds them (it does not use
+        ``config.rms_norm_eps``, which is the decoder layers' eps).
+        """
+        rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+        theta = rope.pop("rope_theta", None) or getattr(config, "rope_theta", 10000.0)
+        scaling = rope if rope_type(rope) != "default" else None
+        if scaling is not None:
+            scaling.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+            if scaling.get("factor") is None:
+                scaling["factor"] = config.max_position_embeddings / scaling["original_max_position_embeddings"]
+        kwargs = dict(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            q_lora_rank=config.q_lora_rank,
+            kv_lora_rank=config.kv_lora_rank,
+            qk_nope_head_dim=config.qk_nope_head_dim,
+            qk_rope_head_dim=config.qk_rope_head_dim,
+            v_head_dim=config.v_head_dim,
+            rope_theta=theta,
+            rope_scaling=scaling,
+            # DeepSeek-V2's complex rotary pairs adjacent dimensions; it has no such option.
+            rope_interleave=getattr(config, "rope_interleave", True),
+            rms_norm_eps=1e-6,
+            attention_bias=getattr(config, "attention_bias", False),
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def rope(self, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (..., Dr/2) float32 of position_ids (...)."""
+        return rope_cos_sin(position_ids, self.inv_freq, self.attention_factor)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Causal MLA over hidden_states.
+
+        Padded: hidden_states (B, S, hidden), position_ids (B, S) or (1, S) or (S,), default
+        ``arange(S)``. Packed: hidden_states (T, hidden) with cu_seqlens (B+1,) int32, position_ids
+        (T,), default each token's position in its sequence; max_seqlen optional.
+        Returns a tensor shaped like hidden_states.
+        """
+        lead = hidden_states.shape[:-1]
+        if position_ids is None:
+            if cu_seqlens is None:
+                position_ids = torch.arange(lead[-1], device=hidden_states.device)
+            else:
+                position_ids = positions_from_cu_seqlens(cu_seqlens, lead[0])
+        cos, sin = self.rope(position_ids)
+        half = self.qk_rope_head_dim // 2
+        out, _, _ = latent_attention(
+            self, hidden_states, cos.expand(*lead, half), sin.expand(*lead, half), scale=self.scaling,
+            rope_interleave=self.rope_interleave, save_q_latent=self.save_q_latent,
+            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, "
+                f"kv_lora_rank={self.kv_lora_rank}, head_dims=(nope {self.qk_nope_head_dim}, "
+                f"rope {self.qk_rope_head_dim}, v {self.v_head_dim}), rope_interleave={self.rope_interleave}, "
+                f"save_q_latent={self.save_q_latent}")
