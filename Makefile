@@ -12,6 +12,7 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+	VENV=$(VENV) bash scripts/test_cpp.sh
 
 bench-cpu: setup
 	$(PY) benchmarks/bench_cpu.py
