@@ -7,12 +7,14 @@
 #
 # Usage (repo root): bash benchmarks/gpu_check.sh
 #   STAGES="build tests memcheck racecheck bench" (default: all, in this order; add cpu_tests for
-#   the CPU test files too), PYTHON=python3, BENCH_ARGS="--seqlens 1024 4096 16384".
+#   the CPU test files too), PYTHON=python3, BENCH_ARGS="--seqlens 1024 4096 16384",
+#   TOTAL_LIMIT=470 (seconds for all stages: each stage's limit is cut to what is left).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
 STAGES=${STAGES:-"build tests memcheck racecheck bench"}
+TOTAL_LIMIT=${TOTAL_LIMIT:-470}
 LOG_DIR=${OUT:-$(mktemp -d)}
 BUILD_DIR=build/gpu
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
@@ -22,6 +24,13 @@ T_START=$(date +%s)
 stage() {  # stage NAME TIMEOUT_S COMMAND: runs COMMAND (a shell command line), tees NAME.log
   local name=$1 limit=$2 cmd=$3
   case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
+  local left=$(( TOTAL_LIMIT - ($(date +%s) - T_START) ))
+  if [ "$left" -lt 20 ]; then
+    SUMMARY+=("[$name] SKIPPED (out of time)")
+    echo "=== [$name] SKIPPED (out of time)"
+    return 0
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
   echo "=== [$name] start (limit ${limit}s, $(( $(date +%s) - T_START ))s elapsed)"
   local t0
   t0=$(date +%s)
@@ -79,7 +88,7 @@ sanitize() {  # sanitize TOOL: only torch_mla's kernels are instrumented where t
   local filter=()
   if compute-sanitizer --help 2>/dev/null | grep -q -- --kernel-regex; then filter=(--kernel-regex kns=mla_); fi
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 \
-    compute-sanitizer --tool "$1" "${filter[@]}" --error-exitcode 1 "$PYTHON" "$SANITIZE_PY"
+    compute-sanitizer --tool "$1" ${filter[@]+"${filter[@]}"} --error-exitcode 1 "$PYTHON" "$SANITIZE_PY"
 }
 
 export PYTHON BUILD_DIR SANITIZE_PY
@@ -95,4 +104,4 @@ rm -f "$SANITIZE_PY"
 
 echo "=== gpu_check summary ($(( $(date +%s) - T_START ))s total; logs in $LOG_DIR)"
 printf '%s\n' "${SUMMARY[@]}" | tee "$LOG_DIR/summary.txt"
-case "${SUMMARY[*]}" in *FAIL*|*TIMEOUT*) exit 1 ;; esac
+case "${SUMMARY[*]}" in *FAIL*|*TIMEOUT*|*SKIPPED*) exit 1 ;; esac
