@@ -43,7 +43,7 @@ __device__ __forceinline__ void load_k_tile(const MlaParams& p, uint32_t dst, in
   const T* kv = static_cast<const T*>(p.kv) + token0 * p.kv_row_stride + h * p.kv_head_stride;
   const T* kr = static_cast<const T*>(p.k_rope) + token0 * p.k_rope_row_stride;
   const int nope_chunks = p.dim_nope / 8;
-  load_tile_async<kRows, kDimQK, kThreads>(dst, valid_rows, p.k_rope, [&](int r, int c) {
+  load_tile_async<kRows, kDimQK, kThreads>(dst, valid_rows, p.kv, [&](int r, int c) {
     return c < nope_chunks ? static_cast<const void*>(kv + r * p.kv_row_stride + c * 8)
                            : static_cast<const void*>(kr + r * p.k_rope_row_stride + (c - nope_chunks) * 8);
   }, tid);
