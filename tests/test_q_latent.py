@@ -1,7 +1,7 @@
 """The q-latent op (DESIGN.md §5.2): mla_attention on q = rope(c_q · wq_bᵀ), saving c_q instead of q.
 
-Checked against an independent float64 spec (q expanded with a complex-number / rotate-half RoPE,
-then the mla_attention reference), with gradcheck, opcheck and torch.compile, and by counting
+Checked against an independent float64 spec (q expanded with a rotate-half RoPE, then the
+mla_attention reference), with gradcheck, opcheck and torch.compile, and by counting
 what it saves."""
 from dataclasses import dataclass
 
@@ -11,6 +11,7 @@ import torch
 import torch_mla
 from torch_mla.reference import mla_attention_reference
 from mla_testing import max_abs_err, max_rel_err
+from module_spec import rope_spec
 
 TENSORS = ("q_latent", "wq_b", "cos", "sin", "kv_latent", "k_rope", "wkv_b")
 
@@ -50,18 +51,6 @@ def make_inputs(lead, dims=SMALL, dtype=torch.float32, seed=0, rope_scale=1.0):
 
 def cu_seqlens(seqlens):
     return torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], dtype=torch.int32)
-
-
-def rope_spec(x, cos, sin, interleave):
-    """RoPE written as Hugging Face's rotate-half (x·cos + rotate_half(x)·sin with cos/sin of
-    full width); adjacent pairs are first gathered into halves and scattered back after."""
-    if interleave:
-        halves = torch.cat((x[..., 0::2], x[..., 1::2]), -1)
-        rotated = rope_spec(halves, cos, sin, interleave=False)
-        return torch.stack(rotated.chunk(2, -1), -1).flatten(-2)
-    cos2, sin2 = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
-    x1, x2 = x.chunk(2, -1)
-    return x * cos2 + torch.cat((-x2, x1), -1) * sin2
 
 
 def q_latent_spec(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, *, rope_interleave,
