@@ -18,10 +18,13 @@ def token_ids(batch=2, seqlen=33, seed=1):
     return torch.randint(0, VOCAB, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-def logits_and_grads(model, ids, **kwargs):
-    """Logits and every parameter's grad for a fixed nonlinear loss, in float64."""
+def logits_and_grads(model, ids, autocast=False, **kwargs):
+    """Logits and every parameter's grad for a fixed nonlinear loss, in float64; with autocast,
+    the forward runs under torch.autocast(bfloat16) and the backward outside it, as PyTorch
+    recommends."""
     model.zero_grad(set_to_none=True)
-    logits = model(ids, **kwargs).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(ids, **kwargs).logits
     logits.double().sin().sum().backward()
     grads = {name.replace("_orig_mod.", ""): p.grad.double() for name, p in model.named_parameters()}
     return logits.detach().double(), grads
@@ -72,6 +75,23 @@ def test_patched_matches_unpatched_bf16(case):
     for name in ref_grads:
         err, naive = max_abs_err(grads[name], ref_grads[name]), max_abs_err(naive_grads[name], ref_grads[name])
         assert err <= 3 * naive, f"{name}.grad: {err:.3g} > 3 × HF bf16 {naive:.3g}"
+
+
+@pytest.mark.parametrize("save_q_latent", [True, False], ids=["q-latent", "q-saved"])
+def test_patched_under_autocast_bf16(save_q_latent):
+    """fp32 weights under torch.autocast(bfloat16), the usual mixed-precision training set-up:
+    the 2×/3× rule against the fp64 model, HF under the same autocast being the naive run."""
+    model = make_model("v3-yarn-bias")
+    ids = token_ids()
+    ref_logits, ref_grads = logits_and_grads(clone_model(model, torch.float64), ids)
+    patched = patched_copy(model, save_q_latent=save_q_latent)
+    naive_logits, naive_grads = logits_and_grads(model, ids, autocast=True)
+    logits, grads = logits_and_grads(patched, ids, autocast=True)
+    err, naive = max_abs_err(logits, ref_logits), max_abs_err(naive_logits, ref_logits)
+    assert err <= 2 * naive, f"logits: {err:.3g} > 2 × HF autocast {naive:.3g}"
+    for name in ref_grads:
+        err, naive = max_abs_err(grads[name], ref_grads[name]), max_abs_err(naive_grads[name], ref_grads[name])
+        assert err <= 3 * naive, f"{name}.grad: {err:.3g} > 3 × HF autocast {naive:.3g}"
 
 
 @pytest.mark.parametrize("case,backend", [("v3", "aot_eager"), ("v2-lite", "inductor")])

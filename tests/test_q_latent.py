@@ -189,6 +189,18 @@ def test_compile_fullgraph_packed_matches_eager():
         assert_compiled_equals_eager(compiled, make_inputs((sum(seqlens),)), cu_seqlens(seqlens))
 
 
+def test_autocast_runs_in_autocast_dtype():
+    """Under torch.autocast(bfloat16), float32 inputs are cast as F.linear's are; cos/sin stay."""
+    inputs = make_inputs((2, 13))
+    expected = out_and_grads(op, inputs, torch.bfloat16, rope_interleave=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = out_and_grads(op, inputs, torch.float32, rope_interleave=True)
+    assert ours["out"].dtype == torch.bfloat16
+    torch.testing.assert_close(ours["out"], expected["out"], rtol=0, atol=0)
+    for name in TENSORS:  # grads arrive in each input's own dtype
+        torch.testing.assert_close(ours[name].to(expected[name].dtype), expected[name], rtol=0, atol=0)
+
+
 def test_argument_errors():
     inputs = make_inputs((2, 5))
     bad_cos = dict(inputs, cos=inputs["cos"][..., :-1])

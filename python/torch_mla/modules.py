@@ -78,11 +78,23 @@ def latent_attention(
         q_nope, q_rope = q.unflatten(-1, (attn.num_heads, -1)).split(
             [attn.qk_nope_head_dim, dim_rope], dim=-1)
         q_rope = apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2), rope_interleave)
-        out = mla_attention(torch.cat((q_nope, q_rope), dim=-1), kv_latent, k_rope, wkv_b,
-                            softmax_scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        out = _mla_attention_autocast(torch.cat((q_nope, q_rope), dim=-1), kv_latent, k_rope, wkv_b,
+                                      softmax_scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     # out (..., H, Dv) is contiguous: o_proj's input is a view of it, so the tensor the op saves
     # and the one o_proj saves share one storage.
     return attn.o_proj(out.flatten(-2)), kv_latent, k_rope
+
+
+def _mla_attention_autocast(q, kv_latent, k_rope, wkv_b, **kwargs) -> torch.Tensor:
+    """mla_attention inside or outside torch.autocast. The op has no autocast kernel, so here its
+    inputs are cast to autocast's dtype (the float32 RMSNorm output among them) and it runs with
+    autocast off, as mla_attention_q_latent's autocast kernel does."""
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return mla_attention(q, kv_latent, k_rope, wkv_b, **kwargs)
+    dtype = torch.get_autocast_dtype(device_type)
+    with torch.autocast(device_type, enabled=False):
+        return mla_attention(q.to(dtype), kv_latent.to(dtype), k_rope.to(dtype), wkv_b.to(dtype), **kwargs)
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:

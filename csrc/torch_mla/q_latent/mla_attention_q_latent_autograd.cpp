@@ -47,6 +47,9 @@ class MlaAttentionQLatentFunction : public torch::autograd::Function<MlaAttentio
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    // The saved tensors already have the dtype autocast chose in the forward; a backward called
+    // inside torch.autocast must not recast them.
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &q_latent = saved[0], &wq_b = saved[1], &cos = saved[2], &sin = saved[3];
     const at::Tensor &out = saved[7], &lse = saved[8];
