@@ -117,10 +117,12 @@ def test_patch_shares_parameters_and_state_dict():
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_packed_sequences_from_position_ids(attn_implementation):
-    """position_ids restarting at 0 make HF build a block-causal mask: patched runs the packed op."""
+    """position_ids restarting at 0 make HF build a block-causal mask: patched runs the packed op
+    (rows packed differently, including one not packed at all)."""
     model = make_model("v3", attn_implementation=attn_implementation)
-    ids = token_ids(batch=1, seqlen=40)
-    position_ids = torch.cat([torch.arange(n) for n in (13, 1, 20, 6)])[None]
+    ids = token_ids(batch=3, seqlen=40)
+    position_ids = torch.stack([torch.cat([torch.arange(n) for n in seqlens])
+                                for seqlens in ((13, 1, 20, 6), (40,), (1, 39))])
     ref = logits_and_grads(clone_model(model, torch.float64), ids, position_ids=position_ids)
     assert_fp32_matches(logits_and_grads(patched_copy(model), ids, position_ids=position_ids), ref)
 
@@ -194,6 +196,15 @@ def test_generation_with_cache_matches(case):
     assert torch.equal(ours.sequences, ref.sequences)
     for step_logits, ref_logits in zip(ours.logits, ref.logits):
         assert max_rel_err(step_logits, ref_logits) <= 1e-5
+
+
+def test_gradient_checkpointing():
+    model = make_model("v2-yarn")
+    ids = token_ids()
+    ref = logits_and_grads(clone_model(model, torch.float64), ids)
+    patched = patched_copy(model)
+    patched.activation_checkpointing_enable()
+    assert_fp32_matches(logits_and_grads(patched, ids), ref)
 
 
 @pytest.mark.parametrize("case", ["v3", "v2-lite"])

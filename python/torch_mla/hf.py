@@ -80,6 +80,7 @@ def _forward(self, hidden_states, *, position_embeddings=None, attention_mask=No
     cu_seqlens, max_seqlen = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int32)
+        max_seqlen = int(max_seqlen) if max_seqlen is not None else None
     elif attention_mask is not None:
         cu_seqlens, max_seqlen = _sequences_from_mask(attention_mask, batch, seqlen)
 
