@@ -55,6 +55,10 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True) -> int:
         config = module.config
         if getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", False):
             raise ValueError("torch_mla.patch_model: sliding-window attention is not supported")
+        for name in ("q_proj", "q_b_proj", "kv_b_proj"):  # weights the op takes without a bias
+            linear = getattr(module, name, None)
+            if linear is not None and linear.bias is not None:
+                raise ValueError(f"torch_mla.patch_model: {name} has a bias, which the op does not take")
         module._torch_mla_patched = True
         module._torch_mla_save_q_latent = save_q_latent
         module.forward = types.MethodType(_forward, module)
