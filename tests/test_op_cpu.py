@@ -146,3 +146,18 @@ def test_backward_when_only_lse_is_used():
     inputs, _ = make_inputs(SMALL, batch=1, seqlen=5, dtype=torch.float64)
     out, lse = torch_mla.mla_attention(**inputs, return_lse=True)
     assert not lse.requires_grad and out.requires_grad
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    """Under torch.autocast (float32 inputs, as RMSNorm outputs and parameters are) the op runs
+    in bfloat16, forward and backward inside the context, and matches the bf16 op."""
+    inputs, _ = make_inputs(SMALL, batch=2, seqlen=70, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = run_with_grads(torch_mla.mla_attention, inputs)
+    bf16_inputs = {k: v.detach().bfloat16() for k, v in inputs.items()}
+    expected_out, expected_grads = run_with_grads(torch_mla.mla_attention, bf16_inputs)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected_out)
+    for k in TENSOR_ARGS:
+        assert grads[k].dtype == torch.float32
+        assert torch.equal(grads[k], expected_grads[k].float())

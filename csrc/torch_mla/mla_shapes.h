@@ -3,6 +3,7 @@
 // Meta kernels. DESIGN.md §3 is the contract these checks enforce.
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymInt.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <optional>
 
@@ -44,6 +45,13 @@ MlaDims check_mla_backward_inputs(
 // ends at `tokens`, and no sequence longer than max_seqlen when max_seqlen > 0.
 // Returns the longest sequence length.
 int64_t check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t tokens, int64_t max_seqlen);
+
+// Kernels compute in their inputs' dtype (accumulating in float32/float64 tiles they make
+// themselves): the ATen calls inside them must not be re-cast by an enclosing torch.autocast,
+// whose choice the op's Autocast kernel (autocast/) has already applied.
+struct KernelDtypeGuard {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
 
 // Float32 for every input dtype but float64, which keeps float64.
 at::ScalarType lse_dtype(at::ScalarType input_dtype);

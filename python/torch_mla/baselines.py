@@ -26,8 +26,10 @@ def _sdpa_padded(q, kv_latent, k_rope, wkv_b, softmax_scale, causal):
 
 
 def expanded_sdpa(q, kv_latent, k_rope, wkv_b, *, softmax_scale: Optional[float] = None,
-                  causal: bool = True, cu_seqlens: Optional[torch.Tensor] = None):
-    """Same arguments and result as :func:`torch_mla.mla_attention`, through SDPA."""
+                  causal: bool = True, cu_seqlens: Optional[torch.Tensor] = None,
+                  max_seqlen: Optional[int] = None):
+    """Same arguments and result as :func:`torch_mla.mla_attention`, through SDPA
+    (max_seqlen is accepted for the signature and not needed)."""
     if softmax_scale is None:
         softmax_scale = default_softmax_scale(q)
     if cu_seqlens is None:
@@ -45,7 +47,7 @@ def expanded_sdpa_recompute(q, kv_latent, k_rope, wkv_b, **kwargs):
                       use_reentrant=False)
 
 
-def expanded_eager(q, kv_latent, k_rope, wkv_b, **kwargs):
+def expanded_eager(q, kv_latent, k_rope, wkv_b, *, max_seqlen: Optional[int] = None, **kwargs):
     """HF's eager attention on expanded K/V: the reference itself."""
     return mla_attention_reference(q, kv_latent, k_rope, wkv_b, **kwargs)
 

@@ -4,11 +4,12 @@ The weights of a ``DeepseekV2Attention`` / ``DeepseekV3Attention`` load into
 :class:`MultiHeadLatentAttention` with ``load_state_dict(strict=True)`` and give the same numbers;
 what autograd keeps for backward shrinks to the latents (DESIGN.md §1).
 """
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .baselines import ATTENTION_CORES
 from .functional import mla_attention
 from .q_latent import mla_attention_q_latent
 from .rope import apply_rope, rope_cos_sin, rope_frequencies, rope_type, softmax_scale
@@ -45,29 +46,35 @@ def latent_attention(
     save_q_latent: bool,
     cu_seqlens: Optional[torch.Tensor] = None,
     max_seqlen: Optional[int] = None,
+    attention_core: Callable[..., torch.Tensor] = mla_attention,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The attention block of `attn`, any module with Hugging Face's DeepSeek attention
     submodules and sizes (ours, or a transformers ``DeepseekV2/V3Attention``), through torch_mla.
 
     hidden_states (B, S, hidden) | packed (T, hidden) with cu_seqlens; cos, sin (B, S, Dr/2) |
     (T, Dr/2). Returns (output like hidden_states, kv_latent (..., Dc), k_rope (..., Dr) rotated).
+    `attention_core` (mla_attention's signature) serves when q is not kept as a latent.
+    Under tensor parallelism (q_b_proj/q_proj and kv_b_proj sharded by rows, o_proj by columns,
+    as DTensors) each rank attends with its own heads: the local shards of the weights.
     """
     dim_rope = attn.qk_rope_head_dim
     latent_and_rope = attn.kv_a_proj_with_mqa(hidden_states)
     kv_latent, k_rope = latent_and_rope.split([attn.kv_lora_rank, dim_rope], dim=-1)
     kv_latent = attn.kv_a_layernorm(kv_latent)
     k_rope = apply_rope(k_rope, cos, sin, rope_interleave)
-    wkv_b = attn.kv_b_proj.weight
+    wkv_b = _local(attn.kv_b_proj.weight)
+    num_heads = wkv_b.shape[0] // (attn.qk_nope_head_dim + attn.v_head_dim)
 
     if save_q_latent:
         # Without a q latent (q_lora_rank None), the hidden states are q's latent: already kept
         # for kv_a_proj_with_mqa's backward, so q costs nothing extra.
         if attn.q_lora_rank is None:
-            q_latent, wq_b = hidden_states, attn.q_proj.weight
+            q_latent, wq_b = hidden_states, _local(attn.q_proj.weight)
         else:
-            q_latent, wq_b = attn.q_a_layernorm(attn.q_a_proj(hidden_states)), attn.q_b_proj.weight
+            q_latent = attn.q_a_layernorm(attn.q_a_proj(hidden_states))
+            wq_b = _local(attn.q_b_proj.weight)
         out = mla_attention_q_latent(
-            q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, num_heads=attn.num_heads,
+            q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, num_heads=num_heads,
             softmax_scale=scale, rope_interleave=rope_interleave, cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen)
     else:
@@ -75,26 +82,19 @@ def latent_attention(
             q = attn.q_proj(hidden_states)
         else:
             q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(hidden_states)))
-        q_nope, q_rope = q.unflatten(-1, (attn.num_heads, -1)).split(
+        q_nope, q_rope = q.unflatten(-1, (num_heads, -1)).split(
             [attn.qk_nope_head_dim, dim_rope], dim=-1)
         q_rope = apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2), rope_interleave)
-        out = _mla_attention_autocast(torch.cat((q_nope, q_rope), dim=-1), kv_latent, k_rope, wkv_b,
-                                      softmax_scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        out = attention_core(torch.cat((q_nope, q_rope), dim=-1), kv_latent, k_rope, wkv_b,
+                             softmax_scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     # out (..., H, Dv) is contiguous: o_proj's input is a view of it, so the tensor the op saves
     # and the one o_proj saves share one storage.
     return attn.o_proj(out.flatten(-2)), kv_latent, k_rope
 
 
-def _mla_attention_autocast(q, kv_latent, k_rope, wkv_b, **kwargs) -> torch.Tensor:
-    """mla_attention inside or outside torch.autocast. The op has no autocast kernel, so here its
-    inputs are cast to autocast's dtype (the float32 RMSNorm output among them) and it runs with
-    autocast off, as mla_attention_q_latent's autocast kernel does."""
-    device_type = q.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return mla_attention(q, kv_latent, k_rope, wkv_b, **kwargs)
-    dtype = torch.get_autocast_dtype(device_type)
-    with torch.autocast(device_type, enabled=False):
-        return mla_attention(q.to(dtype), kv_latent.to(dtype), k_rope.to(dtype), wkv_b.to(dtype), **kwargs)
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor parameter (tensor parallelism), else the tensor itself."""
+    return weight.to_local() if hasattr(weight, "to_local") else weight
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -124,6 +124,9 @@ class MultiHeadLatentAttention(nn.Module):
         rope_interleave: rotate adjacent pairs (DeepSeek's layout) rather than halves.
         rms_norm_eps: eps of ``q_a_layernorm`` and ``kv_a_layernorm``.
         attention_bias: biases on ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``o_proj`` (as HF).
+        attention_core: ``"torch_mla"`` (the default), or for comparisons one of
+            :data:`torch_mla.baselines.ATTENTION_CORES` (``"eager"``, ``"sdpa"``,
+            ``"sdpa_recompute"``): HF-style attention on expanded K/V, same parameters.
         save_q_latent: save q's latent (Lq values per token; the hidden states when q_lora_rank
             is None) for backward instead of q (H·(Dn+Dr)), recomputing q in backward.
     """
@@ -143,6 +146,7 @@ class MultiHeadLatentAttention(nn.Module):
         rope_interleave: bool = True,
         rms_norm_eps: float = 1e-6,
         attention_bias: bool = False,
+        attention_core: str = "torch_mla",
         save_q_latent: bool = True,
         device=None,
         dtype=None,
@@ -162,7 +166,11 @@ class MultiHeadLatentAttention(nn.Module):
         self.rope_theta = rope_theta
         self.rope_scaling = dict(rope_scaling) if rope_scaling else None
         self.rope_interleave = rope_interleave
-        self.save_q_latent = save_q_latent
+        if attention_core not in ATTENTION_CORES:
+            raise ValueError(f"attention_core must be one of {sorted(ATTENTION_CORES)}, got {attention_core!r}")
+        self.attention_core = attention_core
+        # Keeping q as a latent is torch_mla's op; the baselines attend on q itself.
+        self.save_q_latent = save_q_latent and attention_core == "torch_mla"
         self.scaling = softmax_scale(self.qk_head_dim, self.rope_scaling)
 
         if q_lora_rank is None:
@@ -246,6 +254,7 @@ class MultiHeadLatentAttention(nn.Module):
         out, _, _ = latent_attention(
             self, hidden_states, cos.expand(*lead, half), sin.expand(*lead, half), scale=self.scaling,
             rope_interleave=self.rope_interleave, save_q_latent=self.save_q_latent,
+            attention_core=ATTENTION_CORES[self.attention_core],
             cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return out
 
@@ -253,4 +262,4 @@ class MultiHeadLatentAttention(nn.Module):
         return (f"num_heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, "
                 f"kv_lora_rank={self.kv_lora_rank}, head_dims=(nope {self.qk_nope_head_dim}, "
                 f"rope {self.qk_rope_head_dim}, v {self.v_head_dim}), rope_interleave={self.rope_interleave}, "
-                f"save_q_latent={self.save_q_latent}")
+                f"attention_core={self.attention_core}, save_q_latent={self.save_q_latent}")

@@ -208,6 +208,7 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cpu(
     bool causal,
     const std::optional<at::Tensor>& cu_seqlens,
     int64_t max_seqlen) {
+  const KernelDtypeGuard no_autocast;
   const MlaDims d = check_mla_inputs(q, kv_latent, k_rope, wkv_b, cu_seqlens);
   const CpuParams p = make_params(d, softmax_scale, causal, cu_seqlens, max_seqlen);
   const int64_t T = p.tokens, H = p.heads;
@@ -239,6 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_attention_backwar
     bool causal,
     const std::optional<at::Tensor>& cu_seqlens,
     int64_t max_seqlen) {
+  const KernelDtypeGuard no_autocast;
   const MlaDims d =
       check_mla_backward_inputs(grad_out, q, kv_latent, k_rope, wkv_b, out, lse, cu_seqlens);
   const CpuParams p = make_params(d, softmax_scale, causal, cu_seqlens, max_seqlen);

@@ -126,6 +126,7 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_cuda(
     bool causal,
     const std::optional<at::Tensor>& cu_seqlens,
     int64_t max_seqlen) {
+  const KernelDtypeGuard no_autocast;
   const MlaDims d = check_mla_inputs(q, kv_latent, k_rope, wkv_b, cu_seqlens);
   const c10::cuda::CUDAGuard guard(q.device());
   if (!has_tuned_kernel(d, q.scalar_type())) {
@@ -173,6 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_attention_backwar
     bool causal,
     const std::optional<at::Tensor>& cu_seqlens,
     int64_t max_seqlen) {
+  const KernelDtypeGuard no_autocast;
   const MlaDims d = check_mla_backward_inputs(grad_out, q, kv_latent, k_rope, wkv_b, out, lse, cu_seqlens);
   const c10::cuda::CUDAGuard guard(q.device());
   if (!has_tuned_kernel(d, q.scalar_type())) {
