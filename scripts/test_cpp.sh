@@ -13,7 +13,7 @@ VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 BUILD=${TORCH_MLA_CPP_BUILD:-build/cpp}
 JOBS=${MAX_JOBS:-2}
-STEPS=${TRAIN_MLA_STEPS:-100}
+STEPS=${TRAIN_MLA_STEPS:-200}
 
 if [ ! -f /usr/include/catch2/catch.hpp ]; then
   SUDO=""

@@ -1,6 +1,7 @@
 // Trains a small MLA transformer language model from C++ alone (LibTorch + torch_mla): token
 // embedding, N pre-norm blocks of RMSNorm + MultiHeadLatentAttention + SwiGLU MLP, final norm and
-// LM head, AdamW. The task is embedded: copy a random sequence after a separator,
+// LM head, AdamW, on the CPU (or --device cuda). The task is embedded: copy a random sequence
+// after a separator,
 //   a b c ... SEP a b c ...
 // scored on the copied half only, which attention alone can solve (the first half is random and
 // cannot be predicted). Prints loss and tokens/s; exits non-zero unless the loss falls below
@@ -27,6 +28,10 @@ struct Config {
   double max_final_ratio = 0.2;
   int64_t log_every = 25;
   uint64_t seed = 0;
+  std::string device = "cpu";
+  // The model is tiny: intra-op threads cost more in hand-offs than they save (and torch_mla's
+  // CPU kernel slows down badly with 2 threads on a busy machine).
+  int threads = 1;
 };
 
 // The MLP of a DeepSeek dense layer: down(silu(gate(x)) * up(x)).
@@ -92,14 +97,14 @@ TORCH_MODULE(LanguageModel);
 
 // A batch of copy sequences: inputs (B, 2L) and targets (B, 2L), targets -100 (ignored) where
 // the next token is one of the random first half.
-std::pair<torch::Tensor, torch::Tensor> copy_batch(const Config& c) {
+std::pair<torch::Tensor, torch::Tensor> copy_batch(const Config& c, const torch::Device& device) {
   const auto payload = torch::randint(c.symbols, {c.batch, c.copy_len}, torch::kLong);
   const auto sep = torch::full({c.batch, 1}, c.symbols, torch::kLong);
   const auto seq = torch::cat({payload, sep, payload}, 1);
   const auto inputs = seq.narrow(1, 0, 2 * c.copy_len);
   auto targets = seq.narrow(1, 1, 2 * c.copy_len).clone();
   targets.narrow(1, 0, c.copy_len).fill_(-100);
-  return {inputs, targets};
+  return {inputs.to(device), targets.to(device)};
 }
 
 bool parse(int argc, char** argv, Config& c) {
@@ -115,9 +120,11 @@ bool parse(int argc, char** argv, Config& c) {
     else if (arg == "--max-final-ratio") c.max_final_ratio = std::atof(v);
     else if (arg == "--log-every") c.log_every = std::atoll(v);
     else if (arg == "--seed") c.seed = std::strtoull(v, nullptr, 10);
+    else if (arg == "--device") c.device = v;
+    else if (arg == "--threads") c.threads = std::atoi(v);
     else return (std::fprintf(stderr, "unknown argument %s\n", arg.c_str()), false);
   }
-  return c.steps >= 20 && c.batch > 0 && c.copy_len > 0 && c.layers > 0;
+  return c.steps >= 20 && c.batch > 0 && c.copy_len > 0 && c.layers > 0 && c.threads > 0;
 }
 
 }  // namespace
@@ -127,27 +134,31 @@ int main(int argc, char** argv) {
   if (!parse(argc, argv, c)) {
     std::fprintf(stderr,
                  "usage: train_mla [--steps N>=20] [--batch N] [--copy-len N] [--layers N] [--lr X]\n"
-                 "                 [--max-final-ratio X] [--log-every N] [--seed N]\n");
+                 "                 [--max-final-ratio X] [--log-every N] [--seed N] [--device cpu|cuda]\n"
+                 "                 [--threads N]\n");
     return 2;
   }
+  torch::set_num_threads(c.threads);
   torch::manual_seed(c.seed);
+  const torch::Device device(c.device);
   LanguageModel model(c);
+  model->to(device);
   int64_t num_params = 0;
   for (const auto& p : model->parameters()) num_params += p.numel();
   torch::optim::AdamW optimizer(model->parameters(), torch::optim::AdamWOptions(c.lr).weight_decay(0.01));
   const int64_t tokens_per_step = c.batch * 2 * c.copy_len;
   std::printf("train_mla: %lld layers, hidden %lld, %lld heads, %lld parameters; copy task, %lld "
-              "symbols, sequence %lld, batch %lld, %lld steps, %d threads\n",
+              "symbols, sequence %lld, batch %lld, %lld steps, %s, %d threads\n",
               (long long)c.layers, (long long)c.hidden, (long long)c.heads, (long long)num_params,
               (long long)c.symbols, (long long)(2 * c.copy_len), (long long)c.batch,
-              (long long)c.steps, torch::get_num_threads());
+              (long long)c.steps, c.device.c_str(), torch::get_num_threads());
 
   // The loss of the first and last 10 steps, averaged: single steps are noisy.
   const int64_t window = 10;
   double first = 0.0, last = 0.0;
   const auto start = std::chrono::steady_clock::now();
   for (int64_t step = 1; step <= c.steps; ++step) {
-    const auto [inputs, targets] = copy_batch(c);
+    const auto [inputs, targets] = copy_batch(c, device);
     const auto logits = model(inputs);
     const auto loss = torch::nn::functional::cross_entropy(
         logits.flatten(0, 1), targets.flatten(),

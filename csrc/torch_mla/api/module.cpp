@@ -1,7 +1,6 @@
 #include "torch_mla/api/module.h"
 
 #include <ATen/ATen.h>
-#include <torch/nn/init.h>
 
 #include <algorithm>
 #include <cmath>
