@@ -1,0 +1,550 @@
+"""python -m torch_mla.bench {memory,speed,all}: what torch_mla saves and what it costs, against
+the attention people train MLA with today, on one MLA attention block (MultiHeadLatentAttention:
+projections, norms, RoPE, attention, o_proj), forward and backward.
+
+Suites:
+  memory  bytes saved for backward per token, and peak memory of one forward+backward, vs S;
+          then the longest S an N-layer attention stack fits into a memory budget
+  speed   forward, backward and forward+backward time vs S, and attention TFLOP/s
+  all     both
+
+Methods (the same parameters and the same function; they differ in what they keep and redo):
+  torch_mla          torch_mla's op: saves the latents, q, out, lse; recomputes K/V in backward
+  torch_mla_qlatent  torch_mla's q-latent op: q's latent saved instead of q
+  hf_eager           HF "eager": K/V expanded per head, full score matrix and softmax
+  hf_sdpa            HF "sdpa": K/V expanded per head, scaled_dot_product_attention
+  hf_sdpa_ckpt       hf_sdpa with the whole block under torch.utils.checkpoint
+  up_proj_recompute  Megatron-style up-projection recompute, emulated by checkpointing the
+                     K/V expansion and SDPA (both rerun in backward)
+
+Measures. Saved bytes: every storage autograd keeps for backward (torch_mla.SavedTensors,
+parameters excluded, the block's input included), per token. Peak memory: on CUDA
+max_memory_allocated above what was allocated before the step; on the CPU the growth of the peak
+resident set size (ru_maxrss) of a fresh process running one forward+backward, which includes the
+C library allocator's slack. Longest S: computed, not searched: a·S + b·S² is fitted by least
+squares to the measured saved bytes and to the step's extra peak (peak − saved), and the stack
+needs layers × saved(S) + extra(S) for one sequence (parameters, gradients and optimizer state
+not counted). Attention TFLOP/s: DESIGN.md §6 (forward 2·B·H·S²/2·(Dn+Dr+Dv), backward 2.5×)
+over the block's time, which includes its projections (the same for every method), so it is a
+lower bound on the attention's own rate; benchmarks/bench_gpu.py times the op alone on a GPU.
+
+Defaults: on CUDA DeepSeek-V3 sizes in bf16; on the CPU the same head dims with 8 heads in fp32
+on one thread, sized to finish in about a minute and a half on two cores. Writes memory.csv,
+budget.csv, speed.csv and memory.png, speed.png to --out, and prints the tables.
+"""
+import argparse
+import csv
+import math
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+MIB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class Method:
+    core: str            # MultiHeadLatentAttention's attention_core
+    save_q_latent: bool
+    checkpoint_block: bool
+    label: str
+
+
+METHODS: Dict[str, Method] = {
+    "torch_mla": Method("torch_mla", False, False, "torch_mla"),
+    "torch_mla_qlatent": Method("torch_mla", True, False, "torch_mla + q latent"),
+    "hf_eager": Method("eager", False, False, "HF-style eager"),
+    "hf_sdpa": Method("sdpa", False, False, "HF-style SDPA"),
+    "hf_sdpa_ckpt": Method("sdpa", False, True, "HF-style SDPA + checkpointed block"),
+    "up_proj_recompute": Method("sdpa_recompute", False, False, "up-projection recompute (Megatron-style)"),
+}
+
+PRESETS = {
+    "cpu": dict(hidden=1024, heads=8, q_lora_rank=384, head_dims=(128, 64, 128, 512), dtype="float32",
+                memory_seqlens=(256, 512, 1024, 2048), speed_seqlens=(256, 512, 1024),
+                layers=4, budget_gib=8.0, warmup=1, reps=3, threads=1),
+    "cuda": dict(hidden=7168, heads=128, q_lora_rank=1536, head_dims=(128, 64, 128, 512), dtype="bfloat16",
+                 memory_seqlens=(1024, 4096, 16384), speed_seqlens=(1024, 4096, 16384),
+                 layers=61, budget_gib=80.0, warmup=2, reps=5, threads=None),
+}
+
+
+@dataclass
+class Spec:
+    """One benchmark configuration (what a worker process needs to rebuild the block)."""
+    device: str
+    dtype: str
+    batch: int
+    hidden: int
+    heads: int
+    q_lora_rank: Optional[int]
+    head_dims: Sequence[int]  # Dn, Dr, Dv, Dc
+    threads: Optional[int] = None
+    seed: int = 0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def describe(self) -> str:
+        dn, dr, dv, dc = self.head_dims
+        where = (torch.cuda.get_device_name(self.device) if self.device.startswith("cuda")
+                 else f"CPU, threads: {torch.get_num_threads()}")
+        return (f"{where}, {self.dtype}, B={self.batch}, hidden {self.hidden}, H={self.heads}, "
+                f"q_lora {self.q_lora_rank}, Dn/Dr/Dv/Dc = {dn}/{dr}/{dv}/{dc}, causal")
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting (DESIGN.md §6) and context-parallel communication volume (DESIGN.md §5.4)
+
+def attention_flops(batch: int, seqlen: int, heads: int, dim_qk: int, dim_v: int,
+                    causal: bool = True) -> float:
+    """Forward FLOPs of attention, FlashAttention's count: 2·B·H·S²·(Dqk + Dv), halved when
+    causal (QKᵀ and PV, two FLOPs per multiply-add). The backward counts 2.5× this."""
+    return 2.0 * batch * heads * seqlen * seqlen * (dim_qk + dim_v) / (2 if causal else 1)
+
+
+def context_parallel_bytes_per_token(heads: int, dim_nope: int, dim_rope: int, dim_v: int,
+                                     dim_latent: int, elem_bytes: int = 2) -> Dict[str, int]:
+    """Bytes each token contributes to the forward all-gather of a context-parallel attention
+    layer: torch_mla's latents (Dc + Dr) against expanded K/V (H·(Dn+Dr) + H·Dv). The backward
+    reduce-scatters gradients of the same size."""
+    latent = (dim_latent + dim_rope) * elem_bytes
+    expanded = heads * (dim_nope + dim_rope + dim_v) * elem_bytes
+    return {"latent": latent, "expanded_kv": expanded}
+
+
+# ---------------------------------------------------------------------------------------------
+# The block under test
+
+def make_block(spec: Spec, method: Method) -> torch.nn.Module:
+    from .modules import MultiHeadLatentAttention
+
+    dn, dr, dv, dc = spec.head_dims
+    torch.manual_seed(spec.seed)
+    return MultiHeadLatentAttention(
+        hidden_size=spec.hidden, num_heads=spec.heads, q_lora_rank=spec.q_lora_rank,
+        kv_lora_rank=dc, qk_nope_head_dim=dn, qk_rope_head_dim=dr, v_head_dim=dv,
+        attention_core=method.core, save_q_latent=method.save_q_latent,
+        device=spec.device, dtype=spec.torch_dtype)
+
+
+def block_forward(block: torch.nn.Module, method: Method) -> Callable[[torch.Tensor], torch.Tensor]:
+    if method.checkpoint_block:
+        return lambda x: checkpoint(block, x, use_reentrant=False)
+    return block
+
+
+def hidden_states(spec: Spec, seqlen: int, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator(device=spec.device).manual_seed(seed)
+    x = torch.randn(spec.batch, seqlen, spec.hidden, generator=gen, device=spec.device)
+    return x.to(spec.torch_dtype).requires_grad_(True)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _error(exc: BaseException) -> str:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "out of memory"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:120] if text else ''}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory suite
+
+def memory_point(spec: Spec, name: str, seqlen: int) -> dict:
+    """Saved bytes and peak memory of one forward+backward of the block at length seqlen."""
+    method = METHODS[name]
+    block = make_block(spec, method)
+    forward = block_forward(block, method)
+    params = list(block.parameters())
+    # Warm-up at a short length: library start-up and the parameters' gradients (kept, as in
+    # training) are not this step's memory.
+    forward(hidden_states(spec, 16)).sum().backward()
+    x = hidden_states(spec, seqlen)
+    grad_out = torch.randn_like(x)
+    _sync(spec.device)
+    if spec.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(spec.device)
+        base = torch.cuda.memory_allocated(spec.device)
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    forward(x).backward(grad_out)
+    _sync(spec.device)
+    if spec.device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated(spec.device) - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    x.grad = None
+
+    from .memory import SavedTensors
+    with SavedTensors() as saved:
+        out = forward(x)
+    saved_bytes = saved.nbytes_excluding(*params)
+    del out
+    tokens = spec.batch * seqlen
+    return dict(saved_bytes=saved_bytes, saved_bytes_per_token=saved_bytes / tokens,
+                peak_mib=peak / MIB)
+
+
+def _memory_point_to_pipe(conn, spec: Spec, name: str, seqlen: int) -> None:
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    try:
+        conn.send(memory_point(spec, name, seqlen))
+    except BaseException as exc:  # reported as the point's result, not a crash of the suite
+        conn.send(dict(error=_error(exc)))
+    finally:
+        conn.close()
+
+
+def memory_point_fresh_process(spec: Spec, name: str, seqlen: int) -> dict:
+    """memory_point in a new process, so that its peak RSS is this configuration's alone. The
+    process is forked from a server that has imported torch once (fast to start, and clean: it
+    never ran an operator)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch_mla"])
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_memory_point_to_pipe, args=(send, spec, name, seqlen))
+    proc.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:
+        result = None
+    proc.join()
+    if result is None:
+        result = dict(error=f"worker process died (exit code {proc.exitcode})")
+    return result
+
+
+MEMORY_FIELDS = ["method", "seqlen", "batch", "saved_bytes", "saved_bytes_per_token", "peak_mib",
+                 "peak_kind", "error"]
+
+
+def run_memory(spec: Spec, names: Sequence[str], seqlens: Sequence[int], out: Path,
+               progress: bool = True) -> List[dict]:
+    from tqdm import tqdm
+
+    cpu = not spec.device.startswith("cuda")
+    peak_kind = "peak RSS growth, fresh process" if cpu else "max_memory_allocated"
+    rows: List[dict] = []
+    configs = [(s, n) for s in seqlens for n in names]
+    for seqlen, name in tqdm(configs, desc="memory", unit="config", ncols=80, disable=not progress):
+        if cpu:
+            result = memory_point_fresh_process(spec, name, seqlen)
+        else:
+            try:
+                result = memory_point(spec, name, seqlen)
+            except Exception as exc:  # e.g. out of memory at long S: a result, not a crash
+                result = dict(error=_error(exc))
+            torch.cuda.empty_cache()
+        rows.append(dict(method=name, seqlen=seqlen, batch=spec.batch, peak_kind=peak_kind, **result))
+        write_csv(out / "memory.csv", MEMORY_FIELDS, rows)
+    return rows
+
+
+def fit_linear_quadratic(xs: Sequence[float], ys: Sequence[float]) -> tuple:
+    """Least-squares a, b ≥ 0 of y ≈ a·x + b·x² (two measured points or more)."""
+    sxx = sum(x ** 2 for x in xs)
+    sx3 = sum(x ** 3 for x in xs)
+    sx4 = sum(x ** 4 for x in xs)
+    sxy = sum(x * y for x, y in zip(xs, ys))
+    sx2y = sum(x * x * y for x, y in zip(xs, ys))
+    det = sxx * sx4 - sx3 * sx3
+    a = (sxy * sx4 - sx2y * sx3) / det if det else 0.0
+    b = (sxx * sx2y - sx3 * sxy) / det if det else 0.0
+    if b < 0 or not det:
+        return max(sxy / sxx, 0.0), 0.0
+    if a < 0:
+        return 0.0, max(sx2y / sx4, 0.0)
+    return a, b
+
+
+def longest_seqlen(rows: Sequence[dict], layers: int, budget_bytes: float) -> Optional[int]:
+    """Longest S (one sequence) whose N-layer stack fits budget_bytes: layers·saved(S) + extra(S),
+    with saved and extra = peak − saved fitted as a·S + b·S² to the measured rows of one method."""
+    good = [r for r in rows if not r.get("error")]
+    if len(good) < 2:
+        return None
+    seqlens = [r["seqlen"] for r in good]
+    per_seq = [r["batch"] for r in good]
+    saved = [r["saved_bytes"] / b for r, b in zip(good, per_seq)]
+    extra = [max(r["peak_mib"] * MIB / b - s, 0.0) for r, b, s in zip(good, per_seq, saved)]
+    a_s, b_s = fit_linear_quadratic(seqlens, saved)
+    a_e, b_e = fit_linear_quadratic(seqlens, extra)
+    a, b = layers * a_s + a_e, layers * b_s + b_e
+    if b > 0:
+        return int((-a + math.sqrt(a * a + 4 * b * budget_bytes)) / (2 * b))
+    return int(budget_bytes / a) if a > 0 else None
+
+
+BUDGET_FIELDS = ["method", "layers", "budget_gib", "longest_seqlen", "how"]
+
+
+def run_budget(rows: Sequence[dict], names: Sequence[str], layers: int, budget_gib: float,
+               out: Path) -> List[dict]:
+    budget = []
+    for name in names:
+        seqlen = longest_seqlen([r for r in rows if r["method"] == name], layers, budget_gib * 2 ** 30)
+        budget.append(dict(method=name, layers=layers, budget_gib=budget_gib, longest_seqlen=seqlen,
+                           how="computed from a*S+b*S^2 fits of measured saved bytes and step peak"))
+    write_csv(out / "budget.csv", BUDGET_FIELDS, budget)
+    return budget
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed suite
+
+class _Timer:
+    """Wall time on the CPU, CUDA events on a GPU: mark() records a point, ms() the gaps."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.points: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.points.append(event)
+        else:
+            self.points.append(time.perf_counter())
+
+    def ms(self) -> List[float]:
+        if self.cuda:
+            self.points[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.points, self.points[1:])]
+        return [1e3 * (b - a) for a, b in zip(self.points, self.points[1:])]
+
+
+def speed_point(spec: Spec, name: str, seqlen: int, warmup: int, reps: int) -> dict:
+    """Median forward, backward and forward+backward ms over reps (after warmup), each rep one
+    training step of the block timed at its start, between forward and backward, and at its end."""
+    method = METHODS[name]
+    block = make_block(spec, method)
+    forward = block_forward(block, method)
+    x = hidden_states(spec, seqlen)
+    grad_out = torch.randn_like(x)
+    times = {"fwd_ms": [], "bwd_ms": [], "fwd_bwd_ms": []}
+    for i in range(warmup + reps):
+        _sync(spec.device)
+        timer = _Timer(spec.device)
+        timer.mark()
+        out = forward(x)
+        timer.mark()
+        out.backward(grad_out)
+        timer.mark()
+        fwd, bwd = timer.ms()
+        del out
+        if i >= warmup:
+            times["fwd_ms"].append(fwd)
+            times["bwd_ms"].append(bwd)
+            times["fwd_bwd_ms"].append(fwd + bwd)
+    result = {k: statistics.median(v) for k, v in times.items()}
+    dn, dr, dv, _ = spec.head_dims
+    flops = attention_flops(spec.batch, seqlen, spec.heads, dn + dr, dv)
+    result["attn_fwd_tflops"] = flops / (result["fwd_ms"] * 1e-3) / 1e12
+    result["attn_bwd_tflops"] = 2.5 * flops / (result["bwd_ms"] * 1e-3) / 1e12
+    result["attn_fwd_bwd_tflops"] = 3.5 * flops / (result["fwd_bwd_ms"] * 1e-3) / 1e12
+    result["tokens_per_s"] = spec.batch * seqlen / (result["fwd_bwd_ms"] * 1e-3)
+    return result
+
+
+SPEED_FIELDS = ["method", "seqlen", "batch", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "attn_fwd_tflops",
+                "attn_bwd_tflops", "attn_fwd_bwd_tflops", "tokens_per_s", "error"]
+
+
+def run_speed(spec: Spec, names: Sequence[str], seqlens: Sequence[int], warmup: int, reps: int,
+              out: Path, progress: bool = True) -> List[dict]:
+    from tqdm import tqdm
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    rows: List[dict] = []
+    configs = [(s, n) for s in seqlens for n in names]
+    for seqlen, name in tqdm(configs, desc="speed", unit="config", ncols=80, disable=not progress):
+        try:
+            result = speed_point(spec, name, seqlen, warmup, reps)
+        except Exception as exc:  # e.g. out of memory at long S: a result, not a crash
+            result = dict(error=_error(exc))
+        if spec.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        rows.append(dict(method=name, seqlen=seqlen, batch=spec.batch, **result))
+        write_csv(out / "speed.csv", SPEED_FIELDS, rows)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: CSV, plots, tables
+
+def write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(path: Path, title: str, rows: Sequence[dict], panels: Sequence[tuple]) -> None:
+    """One PNG with a panel per (field, y label, log y) over S (log scale), a line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.9), squeeze=False)
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    for ax, (key, ylabel, logy) in zip(axes[0], panels):
+        for name in names:
+            pts = [(r["seqlen"], r[key]) for r in rows if r["method"] == name and not r.get("error")]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=METHODS[name].label)
+        ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.set_xlabel("sequence length S")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _table(rows: Sequence[dict], names: Sequence[str], key: str, fmt: str) -> List[str]:
+    width = max(12, *(len(n) for n in names))
+    lines = [f"{'S':>7} " + " ".join(f"{n:>{width}}" for n in names)]
+    for seqlen in dict.fromkeys(r["seqlen"] for r in rows):
+        cells = []
+        for name in names:
+            row = next((r for r in rows if r["seqlen"] == seqlen and r["method"] == name), None)
+            cell = "-" if row is None else ("failed" if row.get("error") else format(row[key], fmt))
+            cells.append(f"{cell:>{width}}")
+        lines.append(f"{seqlen:>7} " + " ".join(cells))
+    return lines
+
+
+def memory_report(spec: Spec, rows, budget, names, layers, budget_gib) -> str:
+    peak_kind = rows[0]["peak_kind"] if rows else ""
+    lines = [f"memory: {spec.describe()}",
+             "saved for backward, bytes/token (parameters excluded):",
+             *_table(rows, names, "saved_bytes_per_token", ",.0f"),
+             f"peak memory of one forward+backward, MiB ({peak_kind}):",
+             *_table(rows, names, "peak_mib", ",.1f"),
+             f"longest S for a {layers}-layer attention stack in {budget_gib:g} GiB, one sequence "
+             f"(computed from fits of the costs above, parameters excluded):"]
+    lines += [f"  {b['method']:<20} {b['longest_seqlen']:>12,}" if b["longest_seqlen"] else
+              f"  {b['method']:<20} {'n/a':>12}" for b in budget]
+    failed = [r for r in rows if r.get("error")]
+    lines += [f"  failed: {r['method']} S={r['seqlen']}: {r['error']}" for r in failed]
+    return "\n".join(lines)
+
+
+def speed_report(spec: Spec, rows, names) -> str:
+    lines = [f"speed: {spec.describe()}",
+             "forward ms:", *_table(rows, names, "fwd_ms", ",.1f"),
+             "backward ms:", *_table(rows, names, "bwd_ms", ",.1f"),
+             "forward+backward ms:", *_table(rows, names, "fwd_bwd_ms", ",.1f"),
+             "attention TFLOP/s, forward+backward (DESIGN.md §6 FLOPs over the block's time):",
+             *_table(rows, names, "attn_fwd_bwd_tflops", ".3g")]
+    failed = [r for r in rows if r.get("error")]
+    lines += [f"  failed: {r['method']} S={r['seqlen']}: {r['error']}" for r in failed]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m torch_mla.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", choices=["memory", "speed", "all"])
+    parser.add_argument("--out", default="bench_out", help="output folder (default bench_out/)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="default bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--seqlens", type=int, nargs="+",
+                        help="S values for both suites (default: per device, see the presets)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--hidden", type=int, help="hidden size (CUDA 7168, CPU 1024)")
+    parser.add_argument("--heads", type=int, help="attention heads H (CUDA 128, CPU 8)")
+    parser.add_argument("--q-lora-rank", type=int, help="q latent width, 0 for none (CUDA 1536, CPU 384)")
+    parser.add_argument("--head-dims", type=int, nargs=4, metavar=("DN", "DR", "DV", "DC"),
+                        help="qk_nope, qk_rope, v head dims and kv latent width (default 128 64 128 512)")
+    parser.add_argument("--layers", type=int, help="layers of the stack for the longest-S estimate")
+    parser.add_argument("--budget-gib", type=float, help="memory budget of the longest-S estimate")
+    parser.add_argument("--warmup", type=int, help="untimed steps before timing")
+    parser.add_argument("--reps", type=int, help="timed steps (the median is reported)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (CPU default 1: multi-threaded timings swing wildly "
+                             "on a busy machine, where OpenMP threads spin-wait for each other)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    preset = PRESETS["cuda" if args.device.startswith("cuda") else "cpu"]
+
+    def pick(name):
+        value = getattr(args, name)
+        return preset[name] if value is None else value
+
+    q_lora = pick("q_lora_rank")
+    spec = Spec(device=args.device, dtype=pick("dtype"), batch=args.batch, hidden=pick("hidden"),
+                heads=pick("heads"), q_lora_rank=q_lora or None, head_dims=tuple(pick("head_dims")),
+                threads=pick("threads"))
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    results, reports = {}, []
+
+    if args.suite in ("memory", "all"):
+        seqlens = args.seqlens or preset["memory_seqlens"]
+        layers, budget_gib = pick("layers"), pick("budget_gib")
+        rows = run_memory(spec, args.methods, seqlens, out, progress)
+        budget = run_budget(rows, args.methods, layers, budget_gib, out)
+        peak_kind = "peak RSS growth" if spec.device == "cpu" else "peak allocated"
+        plot(out / "memory.png", f"MLA block memory: {spec.describe()}", rows,
+             [("saved_bytes_per_token", "saved for backward, bytes/token", True),
+              ("peak_mib", f"forward+backward {peak_kind}, MiB", True)])
+        results.update(memory=rows, budget=budget)
+        reports.append(memory_report(spec, rows, budget, args.methods, layers, budget_gib))
+
+    if args.suite in ("speed", "all"):
+        seqlens = args.seqlens or preset["speed_seqlens"]
+        rows = run_speed(spec, args.methods, seqlens, pick("warmup"), pick("reps"), out, progress)
+        plot(out / "speed.png", f"MLA block speed: {spec.describe()}", rows,
+             [("fwd_bwd_ms", "forward+backward ms", True),
+              ("attn_fwd_bwd_tflops", "attention TFLOP/s (fwd+bwd)", False)])
+        results["speed"] = rows
+        reports.append(speed_report(spec, rows, args.methods))
+
+    print("\n\n".join(reports))
+    print(f"\nCSV and PNG files in {out}/")
+    results["spec"] = asdict(spec)
+    return results
+
+
+if __name__ == "__main__":
+    results = main()
+    # A failed torch_mla configuration fails the command (the baselines may run out of memory).
+    ours = [r for suite in ("memory", "speed") for r in results.get(suite, ())
+            if r["method"].startswith("torch_mla")]
+    sys.exit(1 if any(r.get("error") for r in ours) else 0)
