@@ -17,6 +17,34 @@ import torch.distributed as dist
 from .functional import default_softmax_scale
 
 
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over `group` (Megatron's "copy to the
+    tensor-parallel region")."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def tensor_parallel_input(x: torch.Tensor, sharded_weight: torch.Tensor) -> torch.Tensor:
+    """x as the replicated input of a head-sharded computation on `sharded_weight`'s local shard.
+
+    When the weight is a DTensor (tensor parallelism) each rank's gradient for x covers only its
+    heads, so the gradients are summed over the weight's mesh; otherwise x is returned as is.
+    """
+    mesh = getattr(sharded_weight, "device_mesh", None)
+    if mesh is None:
+        return x
+    return _SumGradOverGroup.apply(x, mesh.get_group())
+
+
 def _chunk_ids(rank: int, world: int):
     return rank, 2 * world - 1 - rank
 
@@ -41,6 +69,16 @@ def shard_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None, d
     chunks = x.chunk(2 * world, dim=dim)
     first, second = _chunk_ids(rank, world)
     return torch.cat([chunks[first], chunks[second]], dim=dim)
+
+
+def shard_positions(local_len: int, group: Optional[dist.ProcessGroup] = None, device=None
+                    ) -> torch.Tensor:
+    """(local_len,) global positions of this rank's tokens under ``shard_sequence`` (for RoPE)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    chunk = local_len // 2
+    first, second = _chunk_ids(rank, world)
+    return torch.cat([torch.arange(first * chunk, (first + 1) * chunk, device=device),
+                      torch.arange(second * chunk, (second + 1) * chunk, device=device)])
 
 
 def unshard_sequence(x_local: torch.Tensor, seqlen: int, group: Optional[dist.ProcessGroup] = None,

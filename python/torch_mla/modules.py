@@ -4,12 +4,14 @@ The weights of a ``DeepseekV2Attention`` / ``DeepseekV3Attention`` load into
 :class:`MultiHeadLatentAttention` with ``load_state_dict(strict=True)`` and give the same numbers;
 what autograd keeps for backward shrinks to the latents (DESIGN.md §1).
 """
+import functools
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .baselines import ATTENTION_CORES
+from .distributed import context_parallel_mla_attention, shard_positions, tensor_parallel_input
 from .functional import mla_attention
 from .q_latent import mla_attention_q_latent
 from .rope import apply_rope, rope_cos_sin, rope_frequencies, rope_type, softmax_scale
@@ -62,6 +64,8 @@ def latent_attention(
     kv_latent, k_rope = latent_and_rope.split([attn.kv_lora_rank, dim_rope], dim=-1)
     kv_latent = attn.kv_a_layernorm(kv_latent)
     k_rope = apply_rope(k_rope, cos, sin, rope_interleave)
+    kv_latent = tensor_parallel_input(kv_latent, attn.kv_b_proj.weight)
+    k_rope = tensor_parallel_input(k_rope, attn.kv_b_proj.weight)
     wkv_b = _local(attn.kv_b_proj.weight)
     num_heads = wkv_b.shape[0] // (attn.qk_nope_head_dim + attn.v_head_dim)
 
@@ -69,10 +73,12 @@ def latent_attention(
         # Without a q latent (q_lora_rank None), the hidden states are q's latent: already kept
         # for kv_a_proj_with_mqa's backward, so q costs nothing extra.
         if attn.q_lora_rank is None:
-            q_latent, wq_b = hidden_states, _local(attn.q_proj.weight)
+            q_proj = attn.q_proj.weight
+            q_latent, wq_b = tensor_parallel_input(hidden_states, q_proj), _local(q_proj)
         else:
-            q_latent = attn.q_a_layernorm(attn.q_a_proj(hidden_states))
-            wq_b = _local(attn.q_b_proj.weight)
+            q_proj = attn.q_b_proj.weight
+            q_latent = tensor_parallel_input(attn.q_a_layernorm(attn.q_a_proj(hidden_states)), q_proj)
+            wq_b = _local(q_proj)
         out = mla_attention_q_latent(
             q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, num_heads=num_heads,
             softmax_scale=scale, rope_interleave=rope_interleave, cu_seqlens=cu_seqlens,
@@ -90,6 +96,12 @@ def latent_attention(
     # out (..., H, Dv) is contiguous: o_proj's input is a view of it, so the tensor the op saves
     # and the one o_proj saves share one storage.
     return attn.o_proj(out.flatten(-2)), kv_latent, k_rope
+
+
+def _context_parallel_core(q, kv_latent, k_rope, wkv_b, *, softmax_scale, group, cu_seqlens=None,
+                           max_seqlen=None):
+    return context_parallel_mla_attention(q, kv_latent, k_rope, wkv_b, group=group,
+                                          softmax_scale=softmax_scale)
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
@@ -166,6 +178,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.rope_theta = rope_theta
         self.rope_scaling = dict(rope_scaling) if rope_scaling else None
         self.rope_interleave = rope_interleave
+        #: A process group to split the sequence over (torch_mla.distributed): hidden_states
+        #: then hold this rank's share as laid out by ``shard_sequence``.
+        self.context_parallel_group = None
         if attention_core not in ATTENTION_CORES:
             raise ValueError(f"attention_core must be one of {sorted(ATTENTION_CORES)}, got {attention_core!r}")
         self.attention_core = attention_core
@@ -244,7 +259,18 @@ class MultiHeadLatentAttention(nn.Module):
         Returns a tensor shaped like hidden_states.
         """
         lead = hidden_states.shape[:-1]
-        if position_ids is None:
+        save_q_latent, attention_core = self.save_q_latent, ATTENTION_CORES[self.attention_core]
+        if self.context_parallel_group is not None:
+            if cu_seqlens is not None:
+                raise ValueError("MultiHeadLatentAttention: context parallelism takes padded batches "
+                                 "(B, S_local, hidden), not cu_seqlens")
+            if position_ids is None:
+                position_ids = shard_positions(lead[-1], self.context_parallel_group,
+                                               device=hidden_states.device)
+            # q is split with the sequence, so it is materialised: no q latent here.
+            save_q_latent = False
+            attention_core = functools.partial(_context_parallel_core, group=self.context_parallel_group)
+        elif position_ids is None:
             if cu_seqlens is None:
                 position_ids = torch.arange(lead[-1], device=hidden_states.device)
             else:
@@ -253,9 +279,8 @@ class MultiHeadLatentAttention(nn.Module):
         half = self.qk_rope_head_dim // 2
         out, _, _ = latent_attention(
             self, hidden_states, cos.expand(*lead, half), sin.expand(*lead, half), scale=self.scaling,
-            rope_interleave=self.rope_interleave, save_q_latent=self.save_q_latent,
-            attention_core=ATTENTION_CORES[self.attention_core],
-            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            rope_interleave=self.rope_interleave, save_q_latent=save_q_latent,
+            attention_core=attention_core, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return out
 
     def extra_repr(self) -> str:

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "torch_mla/mla_math.h"
@@ -24,6 +25,11 @@ namespace {
 // Tile sizes. The tests' sequence lengths (63, 64, 65, 127, 128, 129) sit on their edges.
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 128;
+
+// The least work (FLOPs) a thread's chunk of items gets. Below it a problem runs on one thread:
+// an OpenMP team costs more than it saves on small tiles, and spins badly when the machine's
+// cores are busy with other processes.
+constexpr double kMinChunkFlops = 1 << 24;
 
 struct SeqRange {
   int64_t begin;  // first token in the packed (T, ...) layout
@@ -37,6 +43,22 @@ struct CpuParams {
   bool causal;
   std::vector<SeqRange> seqs;
 };
+
+// Attention FLOPs of one head over all sequences: 2·(Dn+Dr+Dv) per visible (query, key) pair.
+double attention_flops_per_head(const CpuParams& p) {
+  double pairs = 0;
+  for (const SeqRange& seq : p.seqs) {
+    const double n = static_cast<double>(seq.len);
+    pairs += p.causal ? n * (n + 1) / 2 : n * n;
+  }
+  return 2.0 * pairs * static_cast<double>(p.dim_nope + p.dim_rope + p.dim_v);
+}
+
+// Items per chunk of at::parallel_for so that a chunk holds at least kMinChunkFlops.
+int64_t grain_size(double total_flops, int64_t n_items) {
+  if (n_items == 0 || total_flops <= 0) return 1;
+  return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(kMinChunkFlops * n_items / total_flops)));
+}
 
 CpuParams make_params(const MlaDims& d, double softmax_scale, bool causal,
                       const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
@@ -74,8 +96,10 @@ void forward_kernel(const CpuParams& p, const at::Tensor& q, const at::Tensor& k
     for (int64_t q0 = 0; q0 < p.seqs[s].len; q0 += kBlockQ) blocks.push_back({s, q0});
   }
   acc_t* lse_ptr = lse.data_ptr<acc_t>();
+  const int64_t n_items = static_cast<int64_t>(blocks.size()) * H;
+  const int64_t grain = grain_size(attention_flops_per_head(p) * H, n_items);
 
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()) * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const QueryBlock& blk = blocks[item / H];
       const int64_t h = item % H;
@@ -136,7 +160,9 @@ void backward_kernel(const CpuParams& p, const at::Tensor& grad_out, const at::T
   const int64_t n_seqs = static_cast<int64_t>(p.seqs.size());
 
   // One item per (sequence, head): it alone writes that head's rows of dQ, dKV and dk_rope.
-  at::parallel_for(0, n_seqs * H, 1, [&](int64_t begin, int64_t end) {
+  // The backward does 2.5× the forward's FLOPs (DESIGN.md §6).
+  const int64_t grain = grain_size(2.5 * attention_flops_per_head(p) * H, n_seqs * H);
+  at::parallel_for(0, n_seqs * H, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const SeqRange& seq = p.seqs[item / H];
       const int64_t h = item % H;
