@@ -116,3 +116,36 @@ def _context_parallel_module(rank, world):
                          ids=["ddp", "fsdp2", "tp", "context_parallel"])
 def test_matches_single_process(setup):
     run_ranks(setup, 2)
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_fsdp_context_parallel_example_matches_single_process():
+    """benchmarks/train_fsdp_cp.py under torchrun (2 gloo ranks, FSDP2 + context parallel)
+    prints the same losses as the same training in one process."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "train_fsdp_cp.py"
+    steps = 6
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
+         "--steps", str(steps), "--batch", "2", "--seqlen", "37"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    printed = {int(s): float(l) for s, l in re.findall(r"step +(\d+) +loss ([\d.]+)", run.stdout)}
+    assert set(printed) == {0, 5}
+
+    torch.manual_seed(0)
+    model = MLATransformerLM(MLAConfig())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        tokens = periodic_sequences(2, 37, model.config.vocab_size, data)
+        loss = next_token_loss(model(tokens), tokens)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step in printed:
+            assert abs(printed[step] - loss.item()) <= 1e-4, (step, printed[step], loss.item())
