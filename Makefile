@@ -10,9 +10,10 @@ setup:
 demo: setup
 	$(PY) -m torch_mla.demo
 
+# C++ (ctest, the out-of-tree example) first, so that pytest's summary line closes the output.
 test: setup
-	$(PY) -m pytest -q tests
 	VENV=$(VENV) bash scripts/test_cpp.sh
+	$(PY) -m pytest -q tests
 
 bench-cpu: setup
 	$(PY) benchmarks/bench_cpu.py
