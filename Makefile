@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench-cpu
+.PHONY: setup demo test bench bench-cpu
 setup:
 	VENV=$(VENV) bash scripts/setup_env.sh
 
@@ -14,6 +14,9 @@ demo: setup
 test: setup
 	VENV=$(VENV) bash scripts/test_cpp.sh
 	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m torch_mla.bench all
 
 bench-cpu: setup
 	$(PY) benchmarks/bench_cpu.py

@@ -6,14 +6,14 @@
 # stays under 8 minutes. Logs (and the benchmark CSV) go to $OUT when it is set.
 #
 # Usage (repo root): bash benchmarks/gpu_check.sh
-#   STAGES="build tests memcheck racecheck bench" (default: all, in this order; add cpu_tests for
+#   STAGES="build tests memcheck racecheck bench bench_op" (default: all, in this order; add cpu_tests for
 #   the CPU test files too), PYTHON=python3, BENCH_ARGS="--seqlens 1024 4096 16384",
 #   TOTAL_LIMIT=470 (seconds for all stages: each stage's limit is cut to what is left).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
-STAGES=${STAGES:-"build tests memcheck racecheck bench"}
+STAGES=${STAGES:-"build tests memcheck racecheck bench bench_op"}
 TOTAL_LIMIT=${TOTAL_LIMIT:-470}
 LOG_DIR=${OUT:-$(mktemp -d)}
 BUILD_DIR=build/gpu
@@ -99,7 +99,10 @@ stage tests 200 '"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py'
 stage cpu_tests 120 '"$PYTHON" -m pytest -q -p no:cacheprovider tests --ignore=tests/test_cuda.py'
 stage memcheck 75 'sanitize memcheck'
 stage racecheck 75 'sanitize racecheck'
-stage bench 200 "\"\$PYTHON\" benchmarks/bench_gpu.py ${BENCH_ARGS:-}"
+# The benchmark budget (200 s) is shared: the block-level suites (torch_mla.bench: memory and
+# speed vs HF-style baselines, CSV + plots in $LOG_DIR/bench), then the op-level kernel table.
+stage bench 100 "\"\$PYTHON\" -m torch_mla.bench all --no-progress --out \"$LOG_DIR/bench\""
+stage bench_op 100 "\"\$PYTHON\" benchmarks/bench_gpu.py ${BENCH_ARGS:-}"
 rm -f "$SANITIZE_PY"
 
 echo "=== gpu_check summary ($(( $(date +%s) - T_START ))s total; logs in $LOG_DIR)"

@@ -155,7 +155,7 @@ def _sync(device: str) -> None:
 
 
 def _error(exc: BaseException) -> str:
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
         return "out of memory"
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:120] if text else ''}"
@@ -236,13 +236,11 @@ MEMORY_FIELDS = ["method", "seqlen", "batch", "saved_bytes", "saved_bytes_per_to
 
 def run_memory(spec: Spec, names: Sequence[str], seqlens: Sequence[int], out: Path,
                progress: bool = True) -> List[dict]:
-    from tqdm import tqdm
-
     cpu = not spec.device.startswith("cuda")
     peak_kind = "peak RSS growth, fresh process" if cpu else "max_memory_allocated"
     rows: List[dict] = []
     configs = [(s, n) for s in seqlens for n in names]
-    for seqlen, name in tqdm(configs, desc="memory", unit="config", ncols=80, disable=not progress):
+    for seqlen, name in _progress(configs, "memory", progress):
         if cpu:
             result = memory_point_fresh_process(spec, name, seqlen)
         else:
@@ -369,13 +367,11 @@ SPEED_FIELDS = ["method", "seqlen", "batch", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "
 
 def run_speed(spec: Spec, names: Sequence[str], seqlens: Sequence[int], warmup: int, reps: int,
               out: Path, progress: bool = True) -> List[dict]:
-    from tqdm import tqdm
-
     if spec.threads:
         torch.set_num_threads(spec.threads)
     rows: List[dict] = []
     configs = [(s, n) for s in seqlens for n in names]
-    for seqlen, name in tqdm(configs, desc="speed", unit="config", ncols=80, disable=not progress):
+    for seqlen, name in _progress(configs, "speed", progress):
         try:
             result = speed_point(spec, name, seqlen, warmup, reps)
         except Exception as exc:  # e.g. out of memory at long S: a result, not a crash
@@ -390,6 +386,15 @@ def run_speed(spec: Spec, names: Sequence[str], seqlens: Sequence[int], warmup: 
 # ---------------------------------------------------------------------------------------------
 # Output: CSV, plots, tables
 
+def _progress(configs: Sequence, desc: str, enabled: bool):
+    """A tqdm progress bar over configs where tqdm is installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return configs
+    return tqdm(configs, desc=desc, unit="config", ncols=80, disable=not enabled)
+
+
 def write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -399,7 +404,11 @@ def write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None:
 
 def plot(path: Path, title: str, rows: Sequence[dict], panels: Sequence[tuple]) -> None:
     """One PNG with a panel per (field, y label, log y) over S (log scale), a line per method."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no {path.name}")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
@@ -459,7 +468,7 @@ def speed_report(spec: Spec, rows, names) -> str:
              "forward ms:", *_table(rows, names, "fwd_ms", ",.1f"),
              "backward ms:", *_table(rows, names, "bwd_ms", ",.1f"),
              "forward+backward ms:", *_table(rows, names, "fwd_bwd_ms", ",.1f"),
-             "attention TFLOP/s, forward+backward (DESIGN.md §6 FLOPs over the block's time):",
+             "attention TFLOP/s, forward+backward (FlashAttention's FLOP count over the block's time):",
              *_table(rows, names, "attn_fwd_bwd_tflops", ".3g")]
     failed = [r for r in rows if r.get("error")]
     lines += [f"  failed: {r['method']} S={r['seqlen']}: {r['error']}" for r in failed]
