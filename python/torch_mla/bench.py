@@ -204,7 +204,7 @@ def _memory_point_to_pipe(conn, spec: Spec, name: str, seqlen: int) -> None:
         torch.set_num_threads(spec.threads)
     try:
         conn.send(memory_point(spec, name, seqlen))
-    except BaseException as exc:  # reported as the point's result, not a crash of the suite
+    except Exception as exc:  # reported as the point's result, not a crash of the suite
         conn.send(dict(error=_error(exc)))
     finally:
         conn.close()
@@ -482,22 +482,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=["memory", "speed", "all"])
     parser.add_argument("--out", default="bench_out", help="output folder (default bench_out/)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seqlens", type=int, nargs="+",
-                        help="S values for both suites (default: per device, see the presets)")
+                        help="S values for both suites (default: CUDA 1024 4096 16384; CPU memory "
+                             "256 to 2048, speed 256 to 1024)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--hidden", type=int, help="hidden size (CUDA 7168, CPU 1024)")
     parser.add_argument("--heads", type=int, help="attention heads H (CUDA 128, CPU 8)")
     parser.add_argument("--q-lora-rank", type=int, help="q latent width, 0 for none (CUDA 1536, CPU 384)")
     parser.add_argument("--head-dims", type=int, nargs=4, metavar=("DN", "DR", "DV", "DC"),
                         help="qk_nope, qk_rope, v head dims and kv latent width (default 128 64 128 512)")
-    parser.add_argument("--layers", type=int, help="layers of the stack for the longest-S estimate")
-    parser.add_argument("--budget-gib", type=float, help="memory budget of the longest-S estimate")
-    parser.add_argument("--warmup", type=int, help="untimed steps before timing")
-    parser.add_argument("--reps", type=int, help="timed steps (the median is reported)")
+    parser.add_argument("--layers", type=int,
+                        help="layers of the stack for the longest-S estimate (CUDA 61, CPU 4)")
+    parser.add_argument("--budget-gib", type=float,
+                        help="memory budget of the longest-S estimate (CUDA 80, CPU 8)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before timing (CUDA 2, CPU 1)")
+    parser.add_argument("--reps", type=int, help="timed steps, the median is reported (CUDA 5, CPU 3)")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (CPU default 1: multi-threaded timings swing wildly "
                              "on a busy machine, where OpenMP threads spin-wait for each other)")
