@@ -71,6 +71,8 @@ def main():
     if rank == 0:
         tokens_done = args.steps * args.batch * args.seqlen
         print(f"{world} ranks, {tokens_done / (time.perf_counter() - start):,.0f} tokens/s")
+    # Tear down together: a rank leaving while its peer's gloo threads still talk to it aborts.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -13,10 +13,10 @@ def _entry(rank, world, init_file, fn, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world, *args)
+    # Tear down together: a rank leaving while its peer's gloo threads still talk to it aborts.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_ranks(fn, world: int, *args):
