@@ -5,13 +5,16 @@ events, warm-up, median of --reps) and measures the peak memory of one forward+b
 (max_memory_allocated over what was allocated before). Every method includes its K/V expansion
 from the latents, so all compute the same function:
 
-  torch_mla        torch_mla.mla_attention (expansion GEMMs inside, saves only the latents)
-  sdpa_cudnn       KV = c·wkv_bᵀ, k = [k_nope | k_rope broadcast], SDPA with the cuDNN backend
-  sdpa_efficient   the same with the memory-efficient backend
-  flex             the same with torch.compile(flex_attention) and a causal block mask
-  eager_reference  torch_mla.reference (full score matrix), small S only
+  torch_mla          torch_mla.mla_attention, core "auto" (the one it picks is printed)
+  mla:CORE           the same with each attention core forced (cudnn, kernels, efficient; composed
+                     at S <= 4096): one run settles which core wins at each shape
+  sdpa_cudnn         HF-style: KV = c·wkv_bᵀ, k = [k_nope | k_rope broadcast], SDPA on cuDNN
+  sdpa_efficient     the same with the memory-efficient backend
+  upproj_recompute   Megatron-style up-projection recompute: expansion + SDPA (cuDNN) checkpointed
+  flex               HF-style with torch.compile(flex_attention) and a causal block mask
+  eager_reference    torch_mla.reference (full score matrix), small S only
 
-Attention TFLOP/s use DESIGN.md §6: forward 2·B·H·S²/2·(Dn+Dr+Dv), backward 2.5× that, divided
+Attention TFLOP/s use docs/design.md §6: forward 2·B·H·S²/2·(Dn+Dr+Dv), backward 2.5× that, divided
 by the measured time (which includes the expansion). For torch_mla an "attention only" estimate
 also subtracts the separately timed expansion GEMMs (1 in the forward, 3 in the backward). The
 bf16 GEMM rate of an 8192³ product on the same card is printed as the ceiling.
@@ -32,9 +35,11 @@ import torch.nn.functional as F
 import torch_mla
 from torch_mla.reference import mla_attention_reference
 
-H, DN, DR, DV, DC = 128, 128, 64, 128, 512  # DeepSeek-V3 (DESIGN.md §7)
+H, DN, DR, DV, DC = 128, 128, 64, 128, 512  # DeepSeek-V3 (docs/design.md §7)
 DTYPE = torch.bfloat16
 EAGER_MAX_SEQLEN = 1024
+COMPOSED_MAX_SEQLEN = 4096
+FORCED_CORES = ("cudnn", "kernels", "efficient", "composed")
 
 
 def median_ms(fn, warmup, reps, setup=None):
@@ -93,6 +98,21 @@ def sdpa_method(backend):
     return run
 
 
+def upproj_recompute_method():
+    from torch.nn.attention import SDPBackend
+    from torch.utils.checkpoint import checkpoint
+
+    sdpa = sdpa_method(SDPBackend.CUDNN_ATTENTION)
+    return lambda q, c, kr, w: checkpoint(sdpa, q, c, kr, w, use_reentrant=False)
+
+
+def torch_mla_method(core):
+    def run(q, kv_latent, k_rope, wkv_b):
+        with torch_mla.use_backend(core):  # the backward runs the forward's core
+            return torch_mla.mla_attention(q, kv_latent, k_rope, wkv_b, causal=True)
+    return run
+
+
 def flex_method(seqlen):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -111,12 +131,16 @@ def methods_for(seqlen):
     """name -> factory of the method's function (built inside the timing loop's error handling)."""
     from torch.nn.attention import SDPBackend
 
-    methods = {
-        "torch_mla": lambda: (lambda q, c, kr, w: torch_mla.mla_attention(q, c, kr, w, causal=True)),
+    methods = {"torch_mla": lambda: torch_mla_method("auto")}
+    for core in FORCED_CORES:
+        if core != "composed" or seqlen <= COMPOSED_MAX_SEQLEN:
+            methods[f"mla:{core}"] = lambda core=core: torch_mla_method(core)
+    methods.update({
         "sdpa_cudnn": lambda: sdpa_method(SDPBackend.CUDNN_ATTENTION),
         "sdpa_efficient": lambda: sdpa_method(SDPBackend.EFFICIENT_ATTENTION),
+        "upproj_recompute": upproj_recompute_method,
         "flex": lambda: flex_method(seqlen),
-    }
+    })
     if seqlen <= EAGER_MAX_SEQLEN:
         methods["eager_reference"] = lambda: (lambda q, c, kr, w: mla_attention_reference(q, c, kr, w, causal=True))
     return methods
@@ -204,6 +228,9 @@ def main():
         batch = max(1, args.tokens // seqlen)
         attn_fwd = 2 * batch * H * seqlen * seqlen / 2 * (DN + DR + DV)
         gemm_fwd_ms, gemm_bwd_ms = expansion_gemm_ms(batch * seqlen, args.warmup, args.reps)
+        probe = make_inputs(batch, seqlen)
+        print(f"S={seqlen}: auto picks {torch_mla.explain(*probe.values()).core!r}", flush=True)
+        probe = None
         for name, factory in methods_for(seqlen).items():
             if args.methods and name not in args.methods:
                 continue
@@ -216,7 +243,7 @@ def main():
                 row["fwd_tflops"] = attn_fwd / (row["fwd_ms"] * 1e-3) / 1e12
                 row["bwd_tflops"] = 2.5 * attn_fwd / (row["bwd_ms"] * 1e-3) / 1e12
                 row["fwd_bwd_tflops"] = 3.5 * attn_fwd / (row["fwd_bwd_ms"] * 1e-3) / 1e12
-                if name == "torch_mla":
+                if name == "torch_mla" or name.startswith("mla:"):
                     row["attn_only_fwd_tflops"] = attn_fwd / ((row["fwd_ms"] - gemm_fwd_ms) * 1e-3) / 1e12
                     row["attn_only_bwd_tflops"] = 2.5 * attn_fwd / ((row["bwd_ms"] - gemm_bwd_ms) * 1e-3) / 1e12
                 print(f"{seqlen:>6} {batch:>3} {name:<16} {row['fwd_ms']:>8.2f} {row['bwd_ms']:>8.2f} "
@@ -236,7 +263,13 @@ def main():
                     writer.writeheader()
                     writer.writerows(rows)
         ours = next((r for r in rows if r["seqlen"] == seqlen and r["method"] == "torch_mla" and "error" not in r), None)
-        others = [r for r in rows if r["seqlen"] == seqlen and r["method"] != "torch_mla" and "error" not in r]
+        others = [r for r in rows if r["seqlen"] == seqlen and "error" not in r
+                  and not (r["method"] == "torch_mla" or r["method"].startswith("mla:"))]
+        cores = [r for r in rows if r["seqlen"] == seqlen and r["method"].startswith("mla:") and "error" not in r]
+        if cores:
+            fastest = min(cores, key=lambda r: r["fwd_bwd_ms"])
+            print(f"{'':>10} fastest core at S={seqlen}: {fastest['method'][4:]} "
+                  f"({fastest['fwd_bwd_ms']:.2f} ms fwd+bwd)", flush=True)
         if ours:
             print(f"{'':>10} torch_mla attention-only estimate (expansion GEMMs {gemm_fwd_ms:.2f} / "
                   f"{gemm_bwd_ms:.2f} ms subtracted): fwd {ours['attn_only_fwd_tflops']:.0f}, "

@@ -47,6 +47,7 @@ build() {
   local root
   root=$("$PYTHON" tools/cuda_toolkit_root.py)
   cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTORCH_MLA_CUDA=ON \
+    -DTORCH_MLA_CUDA_ARCHS="${TORCH_MLA_CUDA_ARCHS:-90}" \
     -DCMAKE_PREFIX_PATH="$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
     -DPython_EXECUTABLE="$(command -v "$PYTHON")" \
     ${root:+-DCUDA_TOOLKIT_ROOT_DIR=$root -DCUDAToolkit_ROOT=$root} &&
@@ -77,7 +78,8 @@ for dn, dr, dv, dc in [(128, 64, 128, 512), (64, 32, 64, 256)]:
             w = (torch.randn(heads * (dn + dv), dc, device="cuda") * dc ** -0.5).to(torch.bfloat16).requires_grad_(True)
             cu = torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], dtype=torch.int32,
                               device="cuda") if seqlens else None
-            out = torch_mla.mla_attention(q, c, kr, w, cu_seqlens=cu)
+            with torch_mla.use_backend("kernels"):  # our kernels are what the sanitizers check
+                out = torch_mla.mla_attention(q, c, kr, w, cu_seqlens=cu)
             out.backward(torch.randn_like(out))
             torch.cuda.synchronize()
             assert all(torch.isfinite(t.grad).all() for t in (q, c, kr, w))
@@ -91,11 +93,29 @@ sanitize() {  # sanitize TOOL: only torch_mla's kernels are instrumented where t
     compute-sanitizer --tool "$1" ${filter[@]+"${filter[@]}"} --error-exitcode 1 "$PYTHON" "$SANITIZE_PY"
 }
 
-export PYTHON BUILD_DIR SANITIZE_PY
+export PYTHON BUILD_DIR SANITIZE_PY CORE_TOTALS_PY LOG_DIR
 export -f build sanitize
 echo "gpu_check: $(nvidia-smi -L 2>/dev/null | head -1); $("$PYTHON" --version 2>&1); nvcc $(nvcc --version | grep -o 'release [0-9.]*')"
 stage build 240 build
-stage tests 200 '"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py'
+# CUDA tests: test_cuda.py (CUDA-only properties) and the shared bodies' cuda-* backends, each run
+# once per CUDA core that serves it; the per-core totals are printed at the end of the stage.
+CORE_TOTALS_PY=$(mktemp --suffix=.py)
+cat >"$CORE_TOTALS_PY" <<'EOF'
+import collections, re, sys
+import xml.etree.ElementTree as ET
+totals = collections.defaultdict(collections.Counter)
+for path in sys.argv[1:]:
+    for case in ET.parse(path).getroot().iter("testcase"):
+        m = re.search(r"(cudnn|kernels|efficient|composed|cpu|simt)", case.get("name", ""))
+        core = m.group(1) if m else "(no core)"
+        kind = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
+        totals[core][kind] += 1
+for core, c in sorted(totals.items()):
+    print(f"core {core:<10} passed {c['passed']:>4}  failed {c['failure'] + c['error']:>4}  skipped {c['skipped']:>4}")
+EOF
+stage tests 200 '"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py --junitxml="$LOG_DIR/tests_cuda.xml"; a=$?;
+  "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_op.py tests/test_saved_tensors.py tests/test_errors.py tests/test_opcheck_compile.py -k "cuda-" --junitxml="$LOG_DIR/tests_shared.xml"; b=$?;
+  "$PYTHON" "$CORE_TOTALS_PY" "$LOG_DIR"/tests_cuda.xml "$LOG_DIR"/tests_shared.xml; [ $a -eq 0 ] && [ $b -eq 0 ]'
 stage cpu_tests 120 '"$PYTHON" -m pytest -q -p no:cacheprovider tests --ignore=tests/test_cuda.py'
 stage memcheck 75 'sanitize memcheck'
 stage racecheck 75 'sanitize racecheck'
@@ -103,7 +123,7 @@ stage racecheck 75 'sanitize racecheck'
 # speed vs HF-style baselines, CSV + plots in $LOG_DIR/bench), then the op-level kernel table.
 stage bench 100 "\"\$PYTHON\" -m torch_mla.bench all --no-progress --out \"$LOG_DIR/bench\""
 stage bench_op 100 "\"\$PYTHON\" benchmarks/bench_gpu.py ${BENCH_ARGS:-}"
-rm -f "$SANITIZE_PY"
+rm -f "$SANITIZE_PY" "$CORE_TOTALS_PY"
 
 echo "=== gpu_check summary ($(( $(date +%s) - T_START ))s total; logs in $LOG_DIR)"
 printf '%s\n' "${SUMMARY[@]}" | tee "$LOG_DIR/summary.txt"

@@ -21,7 +21,7 @@ COMMON = dict(vocab_size=96, hidden_size=HIDDEN, intermediate_size=96, num_hidde
 YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=32,
             mscale=0.707, mscale_all_dim=0.8, beta_fast=32, beta_slow=1)
 
-# name -> (model family, config overrides): the shapes DESIGN.md §2 asks to cover.
+# name -> (model family, config overrides): the shapes docs/design.md §2 asks to cover.
 CASES = {
     "v3": ("v3", dict(q_lora_rank=24)),
     "v3-half-rotate": ("v3", dict(q_lora_rank=24, rope_interleave=False)),

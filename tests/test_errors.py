@@ -60,15 +60,51 @@ PACKED_CASES = {
     "cu_seqlens decreasing": (dict(cu_seqlens=cu(0, 3, 2, 5)), r"cu_seqlens must be non-decreasing"),
     "cu_seqlens end": (dict(cu_seqlens=cu(0, 2, 4)), r"cu_seqlens must end at T = 5"),
     "max_seqlen too small": (dict(cu_seqlens=cu(0, 2, 5), max_seqlen=2), r"max_seqlen \(2\) is smaller"),
+    "max_seqlen negative": (dict(cu_seqlens=cu(0, 2, 5), max_seqlen=-1), r"max_seqlen must be 0 \(not given\)"),
 }
 
 
+def on(backend, inputs, kwargs):
+    """inputs and kwargs moved to the backend's device."""
+    move = lambda v: v.to(backend.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return {k: move(v) for k, v in inputs.items()}, {k: move(v) for k, v in kwargs.items()}
+
+
 @pytest.mark.parametrize("case", list(PACKED_CASES))
-def test_bad_packed_input(case):
-    inputs, _ = packed()
-    kwargs, message = PACKED_CASES[case]
-    with pytest.raises(ValueError, match=message):
+def test_bad_packed_input(backend, case):
+    """The value checks of cu_seqlens and max_seqlen: the same ValueError whichever core runs."""
+    inputs, kwargs = on(backend, packed()[0], PACKED_CASES[case][0])
+    with pytest.raises(ValueError, match=PACKED_CASES[case][1]):
         call(inputs, **kwargs)
+
+
+@pytest.mark.parametrize("max_seqlen,message", [(S - 1, r"max_seqlen \(4\) is smaller than the longest sequence \(S = 5\)"),
+                                                (-3, r"max_seqlen must be 0 \(not given\)")])
+def test_bad_max_seqlen_padded(backend, max_seqlen, message):
+    inputs, _ = on(backend, padded(), {})
+    with pytest.raises(ValueError, match=message):
+        call(inputs, max_seqlen=max_seqlen)
+
+
+@pytest.mark.parametrize("max_seqlen", [0, S, S + 7])
+def test_valid_max_seqlen_padded(max_seqlen):
+    assert call(padded(), max_seqlen=max_seqlen).shape == (B, S, H, DV)
+
+
+def test_forced_core_that_cannot_serve_names_why_and_who_can():
+    with torch_mla.use_backend("kernels"):
+        with pytest.raises(ValueError, match=r'backend "kernels" cannot serve this call: runs on CUDA tensors only\. '
+                                             r"Cores that can: composed, cpu"):
+            call(padded())
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    with pytest.raises(ValueError, match="torch_mla.use_backend: name must be 'auto' or one of"):
+        with torch_mla.use_backend("flash"):
+            pass
+    monkeypatch.setenv("TORCH_MLA_BACKEND", "flash")
+    with pytest.raises(ValueError, match=r'backend must be "auto" or one of .*got "flash"'):
+        call(padded())
 
 
 def test_packed_with_padded_shapes():
@@ -87,6 +123,8 @@ def test_packed_token_count_mismatch():
 def test_backward_op_checks_grad_out():
     inputs = padded()
     out, lse = torch.ops.torch_mla.mla_attention(*inputs.values(), 0.1, True, None, 0)
+    with pytest.raises(ValueError, match=r"max_seqlen must be 0 \(not given\)"):
+        torch.ops.torch_mla.mla_attention_backward(out, *inputs.values(), out, lse, 0.1, True, None, -1)
     with pytest.raises(ValueError, match=r"grad_out must have shape \(B, S, H, Dv\)"):
         torch.ops.torch_mla.mla_attention_backward(out[..., :-1], *inputs.values(), out, lse, 0.1, True,
                                                    None, 0)

@@ -1,5 +1,5 @@
 """torch_mla.patch_model on Hugging Face's own DeepseekV3ForCausalLM / DeepseekV2ForCausalLM:
-same logits and parameter grads as the unpatched model (DESIGN.md §8 rules, against the float64
+same logits and parameter grads as the unpatched model (docs/design.md §8 rules, against the float64
 unpatched model), under torch.compile too, same training trajectory, the masks it honours and the
 ones it refuses."""
 import pytest

@@ -6,29 +6,29 @@ import torch_mla
 from mla_testing import SMALL, TENSOR_ARGS, make_inputs, run_with_grads
 
 
-def op_args(inputs, cu, causal=True):
-    return (*[inputs[k] for k in TENSOR_ARGS], SMALL.nope ** -0.5, causal, cu, 0 if cu is None else 9)
+def op_args(inputs, cu, core, causal=True):
+    return (*[inputs[k] for k in TENSOR_ARGS], SMALL.nope ** -0.5, causal, cu, 0 if cu is None else 9, core)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_opcheck_forward(packed, causal):
+def test_opcheck_forward(backend, packed, causal):
     if packed:
-        inputs, cu = make_inputs(SMALL, seqlens=[4, 0, 9, 1])
+        inputs, cu = backend.inputs(SMALL, seqlens=[4, 0, 9, 1])
     else:
-        inputs, cu = make_inputs(SMALL, batch=2, seqlen=7)
-    torch.library.opcheck(torch.ops.torch_mla.mla_attention.default, op_args(inputs, cu, causal))
+        inputs, cu = backend.inputs(SMALL, batch=2, seqlen=7)
+    torch.library.opcheck(torch.ops.torch_mla.mla_attention.default, op_args(inputs, cu, backend.core, causal))
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_opcheck_backward(packed):
+def test_opcheck_backward(backend, packed):
     if packed:
-        inputs, cu = make_inputs(SMALL, seqlens=[4, 0, 9, 1], requires_grad=False)
+        inputs, cu = backend.inputs(SMALL, seqlens=[4, 0, 9, 1], requires_grad=False)
     else:
-        inputs, cu = make_inputs(SMALL, batch=2, seqlen=7, requires_grad=False)
-    out, lse = torch.ops.torch_mla.mla_attention(*op_args(inputs, cu))
+        inputs, cu = backend.inputs(SMALL, batch=2, seqlen=7, requires_grad=False)
+    out, lse = torch.ops.torch_mla.mla_attention(*op_args(inputs, cu, backend.core))
     grad_out = torch.randn_like(out)
-    args = (grad_out, *[inputs[k] for k in TENSOR_ARGS], out, lse, *op_args(inputs, cu)[4:])
+    args = (grad_out, *[inputs[k] for k in TENSOR_ARGS], out, lse, *op_args(inputs, cu, backend.core)[4:])
     torch.library.opcheck(torch.ops.torch_mla.mla_attention_backward.default, args)
 
 

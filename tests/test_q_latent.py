@@ -1,4 +1,4 @@
-"""The q-latent op (DESIGN.md §5.2): mla_attention on q = rope(c_q · wq_bᵀ), saving c_q instead of q.
+"""The q-latent op (docs/design.md §5.2): mla_attention on q = rope(c_q · wq_bᵀ), saving c_q instead of q.
 
 Checked against an independent float64 spec (q expanded with a rotate-half RoPE, then the
 mla_attention reference), with gradcheck, opcheck and torch.compile, and by counting

@@ -1,17 +1,20 @@
 #pragma once
 // The torch_mla operators as C++ functions. Each call goes through the dispatcher, so it reaches
 // the Autograd kernel (autograd/), then the CPU or CUDA kernel (cpu/, cuda/) or the Meta kernel
-// (meta/). Shapes: DESIGN.md §3; padded q (B, S, H, Dn+Dr), packed q (T, H, Dn+Dr).
+// (meta/). Contract: docs/design.md §3; padded q (B, S, H, Dn+Dr), packed q (T, H, Dn+Dr).
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymInt.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace torch_mla {
 
 // Returns (out, lse): out (B, S, H, Dv) / (T, H, Dv) in q's dtype, lse (B, S, H) / (T, H) in
-// float32 (float64 for float64 inputs). max_seqlen <= 0 means "not given" (packed inputs only).
+// float32 (float64 for float64 inputs). max_seqlen: 0 means "not given", a positive value bounds
+// every sequence (checked), a negative one is an error (docs/design.md §3.2). backend: "auto" or an
+// attention core's name (docs/design.md §10.3).
 std::tuple<at::Tensor, at::Tensor> mla_attention(
     const at::Tensor& q,
     const at::Tensor& kv_latent,
@@ -20,9 +23,11 @@ std::tuple<at::Tensor, at::Tensor> mla_attention(
     double softmax_scale,
     bool causal,
     const std::optional<at::Tensor>& cu_seqlens,
-    c10::SymInt max_seqlen);
+    c10::SymInt max_seqlen,
+    c10::string_view backend = "auto");
 
-// Returns (grad_q, grad_kv_latent, grad_k_rope, grad_wkv_b), each shaped like its input.
+// Returns (grad_q, grad_kv_latent, grad_k_rope, grad_wkv_b), each shaped like its input. `backend`
+// should name the core the forward ran (the autograd Function passes it on).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_attention_backward(
     const at::Tensor& grad_out,
     const at::Tensor& q,
@@ -34,6 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_attention_backwar
     double softmax_scale,
     bool causal,
     const std::optional<at::Tensor>& cu_seqlens,
-    c10::SymInt max_seqlen);
+    c10::SymInt max_seqlen,
+    c10::string_view backend = "auto");
 
 }  // namespace torch_mla

@@ -1,6 +1,6 @@
 #pragma once
 // Argument checks and shape inference for mla_attention, one function shared by the CPU, CUDA and
-// Meta kernels. DESIGN.md §3 is the contract these checks enforce.
+// Meta kernels. docs/design.md §3 is the contract these checks enforce.
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymInt.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>

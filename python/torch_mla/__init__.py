@@ -13,6 +13,7 @@ torch.ops.load_library(str(_PACKAGE_DIR / "lib" / "libtorch_mla.so"))
 #: Pass to CMake (``-DCMAKE_PREFIX_PATH``) to build C++ code against the library in this package.
 cmake_prefix_path = str(_PACKAGE_DIR)
 
+from .backends import explain, use_backend  # noqa: E402
 from .functional import mla_attention  # noqa: E402
 from . import reference  # noqa: E402
 from .memory import SavedTensors  # noqa: E402
@@ -20,6 +21,6 @@ from .q_latent import mla_attention_q_latent  # noqa: E402
 from .modules import MultiHeadLatentAttention  # noqa: E402
 from .hf import patch_model  # noqa: E402
 
-__all__ = ["mla_attention", "reference", "SavedTensors", "cmake_prefix_path",
+__all__ = ["mla_attention", "use_backend", "explain", "reference", "SavedTensors", "cmake_prefix_path",
            "mla_attention_q_latent", "MultiHeadLatentAttention", "patch_model"]
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ resident set size (ru_maxrss) of a fresh process running one forward+backward, w
 C library allocator's slack. Longest S: computed, not searched: a·S + b·S² is fitted by least
 squares to the measured saved bytes and to the step's extra peak (peak − saved), and the stack
 needs layers × saved(S) + extra(S) for one sequence (parameters, gradients and optimizer state
-not counted). Attention TFLOP/s: DESIGN.md §6 (forward 2·B·H·S²/2·(Dn+Dr+Dv), backward 2.5×)
+not counted). Attention TFLOP/s: docs/design.md §6 (forward 2·B·H·S²/2·(Dn+Dr+Dv), backward 2.5×)
 over the block's time, which includes its projections (the same for every method), so it is a
 lower bound on the attention's own rate; benchmarks/bench_gpu.py times the op alone on a GPU.
 
@@ -103,7 +103,7 @@ class Spec:
 
 
 # ---------------------------------------------------------------------------------------------
-# Counting (DESIGN.md §6) and context-parallel communication volume (DESIGN.md §5.4)
+# Counting (docs/design.md §6) and context-parallel communication volume (docs/design.md §5.4)
 
 def attention_flops(batch: int, seqlen: int, heads: int, dim_qk: int, dim_v: int,
                     causal: bool = True) -> float:

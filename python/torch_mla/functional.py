@@ -3,6 +3,8 @@ from typing import Optional
 
 import torch
 
+from .backends import current_backend
+
 
 def default_softmax_scale(q: torch.Tensor) -> float:
     """``(Dn + Dr) ** -0.5``: q's last dimension is Dn + Dr."""
@@ -32,16 +34,17 @@ def mla_attention(
         k_rope:     (B, S, Dr)       | (T, Dr)
         wkv_b:      (H*(Dn+Dv), Dc), Hugging Face's ``kv_b_proj.weight`` (rows interleaved per head)
         cu_seqlens: (B+1,) int32 sequence starts in the packed layout, 0 first and T last
-        max_seqlen: longest packed sequence, if known (saves a device sync on CUDA)
+        max_seqlen: a bound on every sequence's length, checked (0 or None: not given)
         returns out (B, S, H, Dv) | (T, H, Dv), and with ``return_lse`` also
         lse (B, S, H) | (T, H) in float32 (float64 for float64 inputs)
 
-    ``softmax_scale=None`` means ``(Dn+Dr) ** -0.5``; ``causal`` masks within each sequence.
+    ``softmax_scale=None`` means ``(Dn+Dr) ** -0.5``; ``causal`` masks within each sequence. The
+    attention core is chosen per call (:func:`torch_mla.use_backend`, :func:`torch_mla.explain`).
     """
     if softmax_scale is None:
         softmax_scale = default_softmax_scale(q)
     out, lse = torch.ops.torch_mla.mla_attention(
         q, kv_latent, k_rope, wkv_b, float(softmax_scale), bool(causal), cu_seqlens,
-        0 if max_seqlen is None else max_seqlen,
+        0 if max_seqlen is None else max_seqlen, current_backend(),
     )
     return (out, lse) if return_lse else out

@@ -2,7 +2,7 @@
 
 The weights of a ``DeepseekV2Attention`` / ``DeepseekV3Attention`` load into
 :class:`MultiHeadLatentAttention` with ``load_state_dict(strict=True)`` and give the same numbers;
-what autograd keeps for backward shrinks to the latents (DESIGN.md §1).
+what autograd keeps for backward shrinks to the latents (docs/design.md §1).
 """
 import functools
 from typing import Any, Callable, Mapping, Optional, Tuple

@@ -1,8 +1,10 @@
-"""The functional API of the q-latent op (DESIGN.md §5.2): q is expanded and rotated inside from
+"""The functional API of the q-latent op (docs/design.md §5.2): q is expanded and rotated inside from
 its latent, and the latent, not q, is saved for backward."""
 from typing import Optional
 
 import torch
+
+from .backends import current_backend
 
 
 def mla_attention_q_latent(
@@ -42,5 +44,6 @@ def mla_attention_q_latent(
     out, lse = torch.ops.torch_mla.mla_attention_q_latent(
         q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, int(num_heads), float(softmax_scale),
         bool(causal), bool(rope_interleave), cu_seqlens, 0 if max_seqlen is None else max_seqlen,
+        current_backend(),
     )
     return (out, lse) if return_lse else out

@@ -1,4 +1,4 @@
-"""The specification of mla_attention in plain PyTorch (DESIGN.md §4): expands K and V per head,
+"""The specification of mla_attention in plain PyTorch (docs/design.md §4): expands K and V per head,
 builds the full score matrix and softmax. Slow and memory-hungry by design; every kernel is
 tested against it, in float64 where the test needs exact figures.
 """

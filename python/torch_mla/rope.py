@@ -30,7 +30,7 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def softmax_scale(qk_head_dim: int, rope_scaling: Optional[Mapping[str, Any]] = None) -> float:
-    """``(Dn+Dr)^-0.5``, times ``mscale(factor, mscale_all_dim)²`` for scaled RoPE (DESIGN.md §2)."""
+    """``(Dn+Dr)^-0.5``, times ``mscale(factor, mscale_all_dim)²`` for scaled RoPE (docs/design.md §2)."""
     scale = qk_head_dim ** -0.5
     if rope_type(rope_scaling) != "default":
         mscale_all_dim = rope_scaling.get("mscale_all_dim", 0)

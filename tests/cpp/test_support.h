@@ -1,6 +1,6 @@
 #pragma once
 // Helpers of the C++ tests: random MLA inputs, the naive reference (expanded K/V, full softmax;
-// DESIGN.md §4 written with plain ATen ops), the accuracy measure of DESIGN.md §8, and a CPU
+// docs/design.md §4 written with plain ATen ops), the accuracy measure of docs/design.md §8, and a CPU
 // allocator that counts live bytes (C++ has no saved-tensor hooks without Python).
 #include <c10/core/CPUAllocator.h>
 #include <torch/torch.h>

@@ -1,5 +1,7 @@
 #include "torch_mla/api/functional.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <cmath>
 
 #include "torch_mla/mla_attention.h"
@@ -22,8 +24,21 @@ at::Tensor mla_attention(
   // The dispatcher op reaches the Autograd kernel (our C++ autograd Function), then the device
   // kernel; lse is only needed by the backward, which the Function keeps itself.
   auto [out, lse] = mla_attention(q, kv_latent, k_rope, wkv_b, scale, options.causal(),
-                                  options.cu_seqlens(), c10::SymInt(options.max_seqlen()));
+                                  options.cu_seqlens(), c10::SymInt(options.max_seqlen()), options.backend());
   return out;
+}
+
+std::string explain(
+    const at::Tensor& q,
+    const at::Tensor& kv_latent,
+    const at::Tensor& k_rope,
+    const at::Tensor& wkv_b,
+    const MlaOptions& options) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mla::_explain", "")
+                       .typed<std::string(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const std::optional<at::Tensor>&, c10::string_view)>();
+  return op.call(q, kv_latent, k_rope, wkv_b, options.cu_seqlens(), options.backend());
 }
 
 }  // namespace torch_mla

@@ -1,11 +1,12 @@
 #pragma once
 // The C++ functional API: torch_mla::mla_attention with autograd, as Python's
-// torch_mla.mla_attention. Shapes: DESIGN.md §3.
+// torch_mla.mla_attention. Shapes: docs/design.md §3.
 #include <ATen/core/Tensor.h>
 #include <torch/arg.h>
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
 namespace torch_mla {
 
@@ -19,8 +20,11 @@ struct MlaOptions {
   TORCH_ARG(bool, causal) = true;
   // (B+1,) int32 sequence starts in the packed layout (0 first, T last); None: padded batch.
   TORCH_ARG(std::optional<at::Tensor>, cu_seqlens) = std::nullopt;
-  // Longest packed sequence if known (saves a device sync on CUDA); <= 0: not given.
+  // Longest packed sequence if known: a bound every sequence must respect (checked); 0: not given.
   TORCH_ARG(int64_t, max_seqlen) = 0;
+  // The attention core: "auto" (the TORCH_MLA_BACKEND environment variable, else the selection rule
+  // of docs/design.md §10.3) or a core's name: "cudnn", "kernels", "efficient", "composed", "cpu".
+  TORCH_ARG(std::string, backend) = "auto";
 };
 
 // Multi-Head Latent Attention from the latents; differentiable in q, kv_latent, k_rope and wkv_b.
@@ -33,6 +37,15 @@ struct MlaOptions {
 //   wkv_b:     (H*(Dn+Dv), Dc), Hugging Face's kv_b_proj.weight (rows interleaved per head)
 //   returns out (B, S, H, Dv) | (T, H, Dv) in q's dtype
 at::Tensor mla_attention(
+    const at::Tensor& q,
+    const at::Tensor& kv_latent,
+    const at::Tensor& k_rope,
+    const at::Tensor& wkv_b,
+    const MlaOptions& options = {});
+
+// Which attention core mla_attention would run for these arguments, and why: the chosen core's
+// name on the first line, then "name: yes" or "name: no: why" for every core.
+std::string explain(
     const at::Tensor& q,
     const at::Tensor& kv_latent,
     const at::Tensor& k_rope,

@@ -1,7 +1,7 @@
 #pragma once
 // torch_mla::MultiHeadLatentAttention, the C++ twin of Python's torch_mla.MultiHeadLatentAttention
 // and a drop-in for Hugging Face's DeepseekV2/V3 attention: same submodule and parameter names
-// (state dicts map one to one), same RoPE and softmax scale (DESIGN.md §2), and attention through
+// (state dicts map one to one), same RoPE and softmax scale (docs/design.md §2), and attention through
 // torch_mla::mla_attention, so only the latents are saved for backward.
 #include <torch/arg.h>
 #include <torch/nn/cloneable.h>

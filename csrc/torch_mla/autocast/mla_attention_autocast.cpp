@@ -1,10 +1,7 @@
-// Autocast for mla_attention: inside torch.autocast the op runs in the autocast dtype, as the
-// linear layers around it do (a float32 RMSNorm output or parameter is cast), with autocast
-// switched off below it. The backward needs no autocast kernel: its kernels compute in the
-// dtype of the tensors the forward saved (KernelDtypeGuard).
-#include <ATen/autocast_mode.h>
+// Autocast for mla_attention (the rule: autocast.h).
 #include <torch/library.h>
 
+#include "torch_mla/autocast/autocast.h"
 #include "torch_mla/mla_attention.h"
 
 namespace torch_mla {
@@ -19,13 +16,11 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_autocast(
     double softmax_scale,
     bool causal,
     const std::optional<at::Tensor>& cu_seqlens,
-    c10::SymInt max_seqlen) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(
-      at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
-  const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
-  const auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dtype, t, device_type); };
-  return mla_attention(cast(q), cast(kv_latent), cast(k_rope), cast(wkv_b), softmax_scale, causal,
-                       cu_seqlens, std::move(max_seqlen));
+    c10::SymInt max_seqlen,
+    c10::string_view backend) {
+  const AutocastScope<device_type> scope;
+  return mla_attention(scope.cast(q), scope.cast(kv_latent), scope.cast(k_rope), scope.cast(wkv_b), softmax_scale,
+                       causal, cu_seqlens, std::move(max_seqlen), backend);
 }
 
 }  // namespace

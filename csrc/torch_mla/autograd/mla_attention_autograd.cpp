@@ -1,10 +1,13 @@
 // Autograd for mla_attention, registered at the Autograd key (every device). The forward saves
-// only q, kv_latent, k_rope, wkv_b, out and lse: per-head K and V never outlive the op, and the
-// backward kernel recomputes them from the latents.
+// only q, kv_latent, k_rope, wkv_b, out and lse (docs/design.md §3.4): per-head K and V never
+// outlive the op, and the backward recomputes them from the latents. The forward picks the
+// attention core once and the backward runs the same one (docs/design.md §10.1).
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "torch_mla/cores/select.h"
 #include "torch_mla/mla_attention.h"
+#include "torch_mla/mla_shapes.h"
 
 namespace torch_mla {
 namespace {
@@ -23,11 +26,15 @@ class MlaAttentionFunction : public torch::autograd::Function<MlaAttentionFuncti
       double softmax_scale,
       bool causal,
       const std::optional<at::Tensor>& cu_seqlens,
-      c10::SymInt max_seqlen) {
+      c10::SymInt max_seqlen,
+      c10::string_view backend) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    const MlaDims d = check_mla_inputs(q, kv_latent, k_rope, wkv_b, cu_seqlens);
+    const std::string core = resolve_core_name(q, d.dim_nope, d.dim_rope, d.dim_v, d.varlen, std::string(backend));
     auto [out, lse] =
-        mla_attention(q, kv_latent, k_rope, wkv_b, softmax_scale, causal, cu_seqlens, max_seqlen);
+        mla_attention(q, kv_latent, k_rope, wkv_b, softmax_scale, causal, cu_seqlens, max_seqlen, core);
     ctx->save_for_backward({q, kv_latent, k_rope, wkv_b, out, lse});
+    ctx->saved_data["core"] = core;
     ctx->saved_data["softmax_scale"] = softmax_scale;
     ctx->saved_data["causal"] = causal;
     // cu_seqlens is (B+1,) int32 metadata, kept by reference like the scalars.
@@ -46,9 +53,9 @@ class MlaAttentionFunction : public torch::autograd::Function<MlaAttentionFuncti
         grad_out, saved[0], saved[1], saved[2], saved[3], out, saved[5],
         ctx->saved_data["softmax_scale"].toDouble(), ctx->saved_data["causal"].toBool(),
         ctx->saved_data["cu_seqlens"].toOptional<at::Tensor>(),
-        ctx->saved_data["max_seqlen"].toSymInt());
+        ctx->saved_data["max_seqlen"].toSymInt(), ctx->saved_data["core"].toStringRef());
     return {grad_q, grad_kv_latent, grad_k_rope, grad_wkv_b,
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -68,10 +75,12 @@ class MlaAttentionBackwardFunction : public torch::autograd::Function<MlaAttenti
       double softmax_scale,
       bool causal,
       const std::optional<at::Tensor>& cu_seqlens,
-      c10::SymInt max_seqlen) {
+      c10::SymInt max_seqlen,
+      c10::string_view backend) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [grad_q, grad_kv_latent, grad_k_rope, grad_wkv_b] = mla_attention_backward(
-        grad_out, q, kv_latent, k_rope, wkv_b, out, lse, softmax_scale, causal, cu_seqlens, max_seqlen);
+        grad_out, q, kv_latent, k_rope, wkv_b, out, lse, softmax_scale, causal, cu_seqlens, max_seqlen,
+        backend);
     return {grad_q, grad_kv_latent, grad_k_rope, grad_wkv_b};
   }
 
@@ -90,9 +99,10 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_autograd(
     double softmax_scale,
     bool causal,
     const std::optional<at::Tensor>& cu_seqlens,
-    c10::SymInt max_seqlen) {
+    c10::SymInt max_seqlen,
+    c10::string_view backend) {
   auto result = MlaAttentionFunction::apply(q, kv_latent, k_rope, wkv_b, softmax_scale, causal,
-                                            cu_seqlens, std::move(max_seqlen));
+                                            cu_seqlens, std::move(max_seqlen), backend);
   return {result[0], result[1]};
 }
 
@@ -107,10 +117,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_attention_backwar
     double softmax_scale,
     bool causal,
     const std::optional<at::Tensor>& cu_seqlens,
-    c10::SymInt max_seqlen) {
+    c10::SymInt max_seqlen,
+    c10::string_view backend) {
   auto result = MlaAttentionBackwardFunction::apply(grad_out, q, kv_latent, k_rope, wkv_b, out, lse,
                                                     softmax_scale, causal, cu_seqlens,
-                                                    std::move(max_seqlen));
+                                                    std::move(max_seqlen), backend);
   return {result[0], result[1], result[2], result[3]};
 }
 

@@ -1,23 +1,21 @@
-// CPU kernels of mla_attention: a memory-lean flash-attention on ATen GEMM tiles.
+// The `cpu` core (docs/design.md §10.2): a memory-lean flash-attention on ATen GEMM tiles.
 //
-// Forward: KV = kv_latent · wkv_bᵀ (one GEMM, transient), then for every (sequence, head,
-// query block) an online-softmax loop over key blocks; the extra memory per thread is one
-// query-block × key-block score tile. Backward (DESIGN.md §4): recompute KV, then for every
-// (sequence, head) a FlashAttention-2 loop (key blocks outer, query blocks inner) that
-// accumulates dK/dV per key block and dQ in place, then the two latent GEMMs.
-// Scores, softmax and accumulators are in acc_t (float for bf16/fp16/fp32, double for fp64).
+// Forward: for every (sequence, head, query block) an online-softmax loop over key blocks; the
+// extra memory per thread is one query-block × key-block score tile. Backward (docs/design.md
+// §4.2): for every (sequence, head) a FlashAttention-2 loop (key blocks outer, query blocks inner)
+// that accumulates dK/dV per key block and dQ in place. Scores, softmax and accumulators are in
+// acc_t (float for bf16/fp16/fp32, double for fp64).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "torch_mla/cores/core.h"
 #include "torch_mla/mla_math.h"
-#include "torch_mla/mla_shapes.h"
 
 namespace torch_mla {
 namespace {
@@ -31,23 +29,10 @@ constexpr int64_t kBlockK = 128;
 // cores are busy with other processes.
 constexpr double kMinChunkFlops = 1 << 24;
 
-struct SeqRange {
-  int64_t begin;  // first token in the packed (T, ...) layout
-  int64_t len;
-};
-
-// The plain parameters of one call; the kernels below know nothing of autograd or dispatch.
-struct CpuParams {
-  int64_t tokens, heads, dim_nope, dim_rope, dim_v, dim_latent;
-  double softmax_scale;
-  bool causal;
-  std::vector<SeqRange> seqs;
-};
-
 // Attention FLOPs of one head over all sequences: 2·(Dn+Dr+Dv) per visible (query, key) pair.
-double attention_flops_per_head(const CpuParams& p) {
+double attention_flops_per_head(const CoreProblem& p) {
   double pairs = 0;
-  for (const SeqRange& seq : p.seqs) {
+  for (const SeqSpan& seq : p.seqs.spans) {
     const double n = static_cast<double>(seq.len);
     pairs += p.causal ? n * (n + 1) / 2 : n * n;
   }
@@ -60,30 +45,8 @@ int64_t grain_size(double total_flops, int64_t n_items) {
   return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(kMinChunkFlops * n_items / total_flops)));
 }
 
-CpuParams make_params(const MlaDims& d, double softmax_scale, bool causal,
-                      const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
-  CpuParams p{d.tokens.expect_int(), d.heads.expect_int(), d.dim_nope.expect_int(),
-              d.dim_rope.expect_int(), d.dim_v.expect_int(), d.dim_latent.expect_int(),
-              softmax_scale, causal, {}};
-  if (d.varlen) {
-    check_cu_seqlens_values(*cu_seqlens, p.tokens, max_seqlen);
-    const at::Tensor cu = cu_seqlens->contiguous();
-    const int32_t* v = cu.data_ptr<int32_t>();
-    for (int64_t b = 0; b + 1 < cu.numel(); ++b) p.seqs.push_back({v[b], v[b + 1] - v[b]});
-  } else {
-    const int64_t s = d.seqlen.expect_int();
-    for (int64_t b = 0; b < d.batch.expect_int(); ++b) p.seqs.push_back({b * s, s});
-  }
-  return p;
-}
-
-// KV = kv_latent · wkv_bᵀ viewed (T, H, Dn+Dv): per head [k_nope | v], wkv_b's row layout.
-at::Tensor expand_kv(const at::Tensor& kv_latent, const at::Tensor& wkv_b, int64_t heads) {
-  return at::mm(kv_latent, wkv_b.t()).view({kv_latent.size(0), heads, -1});
-}
-
 template <typename scalar_t>
-void forward_kernel(const CpuParams& p, const at::Tensor& q, const at::Tensor& kv,
+void forward_kernel(const CoreProblem& p, const at::Tensor& q, const at::Tensor& kv,
                     const at::Tensor& k_rope, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -92,8 +55,8 @@ void forward_kernel(const CpuParams& p, const at::Tensor& q, const at::Tensor& k
 
   struct QueryBlock { int64_t seq, q_begin; };
   std::vector<QueryBlock> blocks;
-  for (int64_t s = 0; s < static_cast<int64_t>(p.seqs.size()); ++s) {
-    for (int64_t q0 = 0; q0 < p.seqs[s].len; q0 += kBlockQ) blocks.push_back({s, q0});
+  for (int64_t s = 0; s < static_cast<int64_t>(p.seqs.spans.size()); ++s) {
+    for (int64_t q0 = 0; q0 < p.seqs.spans[s].len; q0 += kBlockQ) blocks.push_back({s, q0});
   }
   acc_t* lse_ptr = lse.data_ptr<acc_t>();
   const int64_t n_items = static_cast<int64_t>(blocks.size()) * H;
@@ -103,7 +66,7 @@ void forward_kernel(const CpuParams& p, const at::Tensor& q, const at::Tensor& k
     for (int64_t item = begin; item < end; ++item) {
       const QueryBlock& blk = blocks[item / H];
       const int64_t h = item % H;
-      const SeqRange& seq = p.seqs[blk.seq];
+      const SeqSpan& seq = p.seqs.spans[blk.seq];
       const int64_t q0 = blk.q_begin;
       const int64_t rows = std::min(kBlockQ, seq.len - q0);
       const at::Tensor q_tile = q.narrow(0, seq.begin + q0, rows).select(1, h).to(acc_opts.dtype());
@@ -149,7 +112,7 @@ void forward_kernel(const CpuParams& p, const at::Tensor& q, const at::Tensor& k
 }
 
 template <typename scalar_t>
-void backward_kernel(const CpuParams& p, const at::Tensor& grad_out, const at::Tensor& q,
+void backward_kernel(const CoreProblem& p, const at::Tensor& grad_out, const at::Tensor& q,
                      const at::Tensor& kv, const at::Tensor& k_rope, const at::Tensor& out,
                      const at::Tensor& lse, at::Tensor& dq_acc, at::Tensor& dkv,
                      at::Tensor& dk_rope_per_head) {
@@ -157,14 +120,14 @@ void backward_kernel(const CpuParams& p, const at::Tensor& grad_out, const at::T
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t H = p.heads, Dn = p.dim_nope, Dr = p.dim_rope, Dv = p.dim_v;
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
-  const int64_t n_seqs = static_cast<int64_t>(p.seqs.size());
+  const int64_t n_seqs = static_cast<int64_t>(p.seqs.spans.size());
 
   // One item per (sequence, head): it alone writes that head's rows of dQ, dKV and dk_rope.
-  // The backward does 2.5× the forward's FLOPs (DESIGN.md §6).
+  // The backward does 2.5× the forward's FLOPs (docs/design.md §6).
   const int64_t grain = grain_size(2.5 * attention_flops_per_head(p) * H, n_seqs * H);
   at::parallel_for(0, n_seqs * H, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const SeqRange& seq = p.seqs[item / H];
+      const SeqSpan& seq = p.seqs.spans[item / H];
       const int64_t h = item % H;
       if (seq.len == 0) continue;
       const at::Tensor q_seq = q.narrow(0, seq.begin, seq.len).select(1, h).to(acc_dtype);
@@ -225,85 +188,36 @@ void backward_kernel(const CpuParams& p, const at::Tensor& grad_out, const at::T
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> mla_attention_cpu(
-    const at::Tensor& q,
-    const at::Tensor& kv_latent,
-    const at::Tensor& k_rope,
-    const at::Tensor& wkv_b,
-    double softmax_scale,
-    bool causal,
-    const std::optional<at::Tensor>& cu_seqlens,
-    int64_t max_seqlen) {
-  const KernelDtypeGuard no_autocast;
-  const MlaDims d = check_mla_inputs(q, kv_latent, k_rope, wkv_b, cu_seqlens);
-  const CpuParams p = make_params(d, softmax_scale, causal, cu_seqlens, max_seqlen);
-  const int64_t T = p.tokens, H = p.heads;
-  at::Tensor out = at::empty({T, H, p.dim_v}, q.options());
-  at::Tensor lse = at::empty({T, H}, q.options().dtype(lse_dtype(q.scalar_type())));
-  if (T > 0) {
-    const at::Tensor q3 = q.reshape({T, H, p.dim_nope + p.dim_rope}).contiguous();
-    const at::Tensor c2 = kv_latent.reshape({T, p.dim_latent}).contiguous();
-    const at::Tensor kr2 = k_rope.reshape({T, p.dim_rope}).contiguous();
-    const at::Tensor kv = expand_kv(c2, wkv_b.contiguous(), H);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mla_attention_cpu", [&] {
-      forward_kernel<scalar_t>(p, q3, kv, kr2, out, lse);
-    });
-  }
-  std::vector<int64_t> out_shape = q.sizes().vec();
-  out_shape.back() = p.dim_v;
-  return {out.view(out_shape), lse.view(q.sizes().slice(0, q.dim() - 1))};
+CoreOutputs cpu_forward(const CoreProblem& p, const at::Tensor& q, const at::Tensor& kv,
+                        const at::Tensor& k_rope) {
+  at::Tensor out = at::empty({p.seqs.tokens, p.heads, p.dim_v}, q.options());
+  at::Tensor lse = at::empty({p.seqs.tokens, p.heads}, q.options().dtype(lse_dtype(q.scalar_type())));
+  const at::Tensor q3 = q.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mla_attention_cpu", [&] {
+    forward_kernel<scalar_t>(p, q3, kv, k_rope, out, lse);
+  });
+  return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_attention_backward_cpu(
-    const at::Tensor& grad_out,
-    const at::Tensor& q,
-    const at::Tensor& kv_latent,
-    const at::Tensor& k_rope,
-    const at::Tensor& wkv_b,
-    const at::Tensor& out,
-    const at::Tensor& lse,
-    double softmax_scale,
-    bool causal,
-    const std::optional<at::Tensor>& cu_seqlens,
-    int64_t max_seqlen) {
-  const KernelDtypeGuard no_autocast;
-  const MlaDims d =
-      check_mla_backward_inputs(grad_out, q, kv_latent, k_rope, wkv_b, out, lse, cu_seqlens);
-  const CpuParams p = make_params(d, softmax_scale, causal, cu_seqlens, max_seqlen);
-  const int64_t T = p.tokens, H = p.heads, Dq = p.dim_nope + p.dim_rope;
-  const int64_t Dkv = p.dim_nope + p.dim_v;
+CoreGrads cpu_backward(const CoreProblem& p, const at::Tensor& grad_out, const at::Tensor& q,
+                       const at::Tensor& kv, const at::Tensor& k_rope, const at::Tensor& out,
+                       const at::Tensor& lse) {
+  const int64_t T = p.seqs.tokens, H = p.heads;
   const auto acc_dtype = lse_dtype(q.scalar_type());
-  const at::Tensor c2 = kv_latent.reshape({T, p.dim_latent}).contiguous();
-  const at::Tensor w = wkv_b.contiguous();
-
-  at::Tensor dq_acc = at::zeros({T, H, Dq}, q.options().dtype(acc_dtype));
+  at::Tensor dq_acc = at::zeros({T, H, p.dim_nope + p.dim_rope}, q.options().dtype(acc_dtype));
   at::Tensor dk_rope_per_head = at::zeros({H, T, p.dim_rope}, q.options().dtype(acc_dtype));
   // Every token belongs to exactly one sequence, so the kernel writes every row of dKV.
-  at::Tensor dkv = at::empty({T, H, Dkv}, q.options());
-  if (T > 0) {
-    const at::Tensor kv = expand_kv(c2, w, H);
-    const at::Tensor q3 = q.reshape({T, H, Dq}).contiguous();
-    const at::Tensor kr2 = k_rope.reshape({T, p.dim_rope}).contiguous();
-    const at::Tensor out3 = out.reshape({T, H, p.dim_v}).contiguous();
-    const at::Tensor do3 = grad_out.reshape({T, H, p.dim_v}).contiguous();
-    const at::Tensor lse2 = lse.reshape({T, H}).contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mla_attention_backward_cpu", [&] {
-      backward_kernel<scalar_t>(p, do3, q3, kv, kr2, out3, lse2, dq_acc, dkv, dk_rope_per_head);
-    });
-  }
-  // dc = dKV · wkv_b and dwkv_b = dKVᵀ · c (DESIGN.md §4).
-  const at::Tensor dkv2 = dkv.view({T, H * Dkv});
-  return {dq_acc.to(q.scalar_type()).view(q.sizes()),
-          at::mm(dkv2, w).view(kv_latent.sizes()),
-          dk_rope_per_head.sum(0).to(q.scalar_type()).view(k_rope.sizes()),
-          at::mm(dkv2.t(), c2)};
+  at::Tensor dkv = at::empty({T, H, p.dim_nope + p.dim_v}, q.options());
+  const at::Tensor q3 = q.contiguous(), out3 = out.contiguous(), do3 = grad_out.contiguous();
+  const at::Tensor lse2 = lse.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mla_attention_backward_cpu", [&] {
+    backward_kernel<scalar_t>(p, do3, q3, kv, k_rope, out3, lse2, dq_acc, dkv, dk_rope_per_head);
+  });
+  return {dq_acc, dkv, dk_rope_per_head.sum(0)};
 }
+
+const AttentionCore kCpu{"cpu", cpu_forward, cpu_backward};
+const CoreRegistration kRegistration(kCpu);
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(torch_mla, CPU, m) {
-  m.impl("mla_attention", TORCH_FN(mla_attention_cpu));
-  m.impl("mla_attention_backward", TORCH_FN(mla_attention_backward_cpu));
-}
-
 }  // namespace torch_mla

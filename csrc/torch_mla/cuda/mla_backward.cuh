@@ -1,5 +1,5 @@
 #pragma once
-// Backward kernels of mla_attention (FlashAttention-2 scheme on mma.sync), DESIGN.md §4:
+// Backward kernels of mla_attention (FlashAttention-2 scheme on mma.sync), docs/design.md §4:
 //
 // 1. preprocess: delta = rowsum(dO ⊙ O) and lse·log2(e), both stored (H, T) so that a query
 //    block's values are contiguous.

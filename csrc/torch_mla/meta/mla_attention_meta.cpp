@@ -3,6 +3,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "torch_mla/cores/select.h"
+#include "torch_mla/mla_sequences.h"
 #include "torch_mla/mla_shapes.h"
 
 namespace torch_mla {
@@ -16,8 +18,11 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_meta(
     double /*softmax_scale*/,
     bool /*causal*/,
     const std::optional<at::Tensor>& cu_seqlens,
-    c10::SymInt /*max_seqlen*/) {
+    c10::SymInt max_seqlen,
+    c10::string_view backend) {
   const MlaDims d = check_mla_inputs(q, kv_latent, k_rope, wkv_b, cu_seqlens);
+  check_max_seqlen_arg(max_seqlen);
+  resolve_core_name(q, d.dim_nope, d.dim_rope, d.dim_v, d.varlen, std::string(backend));
   std::vector<c10::SymInt> out_shape(q.sym_sizes().begin(), q.sym_sizes().end());
   out_shape.back() = d.dim_v;
   std::vector<c10::SymInt> lse_shape(q.sym_sizes().begin(), q.sym_sizes().end() - 1);
@@ -36,8 +41,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_attention_backwar
     double /*softmax_scale*/,
     bool /*causal*/,
     const std::optional<at::Tensor>& cu_seqlens,
-    c10::SymInt /*max_seqlen*/) {
+    c10::SymInt max_seqlen,
+    c10::string_view /*backend*/) {
   check_mla_backward_inputs(grad_out, q, kv_latent, k_rope, wkv_b, out, lse, cu_seqlens);
+  check_max_seqlen_arg(max_seqlen);
   return {at::empty_symint(q.sym_sizes(), q.options()),
           at::empty_symint(kv_latent.sym_sizes(), kv_latent.options()),
           at::empty_symint(k_rope.sym_sizes(), k_rope.options()),

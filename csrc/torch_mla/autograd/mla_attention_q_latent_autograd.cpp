@@ -4,9 +4,10 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "torch_mla/cores/select.h"
 #include "torch_mla/mla_attention.h"
-#include "torch_mla/q_latent/mla_attention_q_latent.h"
-#include "torch_mla/q_latent/q_expand.h"
+#include "torch_mla/mla_attention_q_latent.h"
+#include "torch_mla/q_expand.h"
 
 namespace torch_mla {
 namespace {
@@ -30,11 +31,19 @@ class MlaAttentionQLatentFunction : public torch::autograd::Function<MlaAttentio
       bool causal,
       bool rope_interleave,
       const std::optional<at::Tensor>& cu_seqlens,
-      c10::SymInt max_seqlen) {
+      c10::SymInt max_seqlen,
+      c10::string_view backend) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    check_q_latent_inputs(q_latent, wq_b, cos, sin, k_rope, num_heads, cu_seqlens);
+    // The core is picked once, from the dims q will have: Dn+Dr = wq_b rows per head.
+    const c10::SymInt dim_rope = k_rope.sym_size(-1), dim_nope = wq_b.sym_size(0) / num_heads - dim_rope;
+    const std::string core = resolve_core_name(q_latent, dim_nope, dim_rope,
+                                               wkv_b.sym_size(0) / num_heads - dim_nope,
+                                               cu_seqlens.has_value() && cu_seqlens->defined(), std::string(backend));
     auto [out, lse] = mla_attention_q_latent(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b,
                                              num_heads, softmax_scale, causal, rope_interleave,
-                                             cu_seqlens, max_seqlen);
+                                             cu_seqlens, max_seqlen, core);
+    ctx->saved_data["core"] = core;
     ctx->save_for_backward({q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, out, lse});
     ctx->saved_data["num_heads"] = num_heads;
     ctx->saved_data["softmax_scale"] = softmax_scale;
@@ -65,14 +74,14 @@ class MlaAttentionQLatentFunction : public torch::autograd::Function<MlaAttentio
         grad_out, q, saved[4], saved[5], saved[6], out, lse,
         ctx->saved_data["softmax_scale"].toDouble(), ctx->saved_data["causal"].toBool(),
         ctx->saved_data["cu_seqlens"].toOptional<at::Tensor>(),
-        ctx->saved_data["max_seqlen"].toSymInt());
+        ctx->saved_data["max_seqlen"].toSymInt(), ctx->saved_data["core"].toStringRef());
     q = at::Tensor();  // the recomputed q is not needed past the attention backward
 
     ExpandQGrads g = expand_q_backward(grad_q, q_projected, q_latent, wq_b, cos, sin,
                                        rope_interleave, ctx->needs_input_grad(0),
                                        ctx->needs_input_grad(1), need_rope);
     return {g.q_latent, g.wq_b, g.cos, g.sin, grad_kv_latent, grad_k_rope, grad_wkv_b,
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -89,10 +98,11 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent_autograd(
     bool causal,
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
-    c10::SymInt max_seqlen) {
+    c10::SymInt max_seqlen,
+    c10::string_view backend) {
   auto result = MlaAttentionQLatentFunction::apply(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b,
                                                    num_heads, softmax_scale, causal, rope_interleave,
-                                                   cu_seqlens, std::move(max_seqlen));
+                                                   cu_seqlens, std::move(max_seqlen), backend);
   return {result[0], result[1]};
 }
 

@@ -1,18 +1,12 @@
-// The q-latent op: schema, dispatcher entry, the q expansion shared with its backward, and the
-// forward for every backend (CompositeExplicitAutograd: ATen + mla_attention, so CPU, CUDA and
-// Meta/fake tensors all run the same code and reach mla_attention's own kernels).
-#include "torch_mla/q_latent/mla_attention_q_latent.h"
+// The q expansion of the q-latent op and its transpose (q_expand.h), in plain ATen.
+#include "torch_mla/q_expand.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/library.h>
 
 #include <utility>
 #include <vector>
 
-#include "torch_mla/mla_attention.h"
-#include "torch_mla/q_latent/q_expand.h"
 
 namespace torch_mla {
 namespace {
@@ -147,64 +141,6 @@ ExpandQGrads expand_q_backward(
     }
   }
   return grads;
-}
-
-namespace {
-
-std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent_composite(
-    const at::Tensor& q_latent,
-    const at::Tensor& wq_b,
-    const at::Tensor& cos,
-    const at::Tensor& sin,
-    const at::Tensor& kv_latent,
-    const at::Tensor& k_rope,
-    const at::Tensor& wkv_b,
-    int64_t num_heads,
-    double softmax_scale,
-    bool causal,
-    bool rope_interleave,
-    const std::optional<at::Tensor>& cu_seqlens,
-    c10::SymInt max_seqlen) {
-  check_q_latent_inputs(q_latent, wq_b, cos, sin, k_rope, num_heads, cu_seqlens);
-  const at::Tensor q = rotate_q(project_q(q_latent, wq_b, num_heads), cos, sin, rope_interleave);
-  return mla_attention(q, kv_latent, k_rope, wkv_b, softmax_scale, causal, cu_seqlens,
-                       std::move(max_seqlen));
-}
-
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
-  m.def(
-      "mla_attention_q_latent(Tensor q_latent, Tensor wq_b, Tensor cos, Tensor sin, "
-      "Tensor kv_latent, Tensor k_rope, Tensor wkv_b, int num_heads, float softmax_scale, "
-      "bool causal, bool rope_interleave, Tensor? cu_seqlens, SymInt max_seqlen) "
-      "-> (Tensor out, Tensor lse)",
-      {at::Tag::pt2_compliant_tag});
-}
-
-TORCH_LIBRARY_IMPL(torch_mla, CompositeExplicitAutograd, m) {
-  m.impl("mla_attention_q_latent", TORCH_FN(mla_attention_q_latent_composite));
-}
-
-std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent(
-    const at::Tensor& q_latent,
-    const at::Tensor& wq_b,
-    const at::Tensor& cos,
-    const at::Tensor& sin,
-    const at::Tensor& kv_latent,
-    const at::Tensor& k_rope,
-    const at::Tensor& wkv_b,
-    int64_t num_heads,
-    double softmax_scale,
-    bool causal,
-    bool rope_interleave,
-    const std::optional<at::Tensor>& cu_seqlens,
-    c10::SymInt max_seqlen) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_mla::mla_attention_q_latent", "")
-                       .typed<decltype(mla_attention_q_latent)>();
-  return op.call(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, num_heads, softmax_scale, causal,
-                 rope_interleave, cu_seqlens, std::move(max_seqlen));
 }
 
 }  // namespace torch_mla

@@ -1,8 +1,8 @@
 #pragma once
-// mla_attention in q-latent mode (DESIGN.md §5.2): the op takes the query latent c_q and q_b_proj's
+// mla_attention in q-latent mode (docs/design.md §5.2): the op takes the query latent c_q and q_b_proj's
 // weight instead of q, expands and rotates q inside, and saves c_q for backward instead of q
 // (H·(Dn+Dr) values per token become Lq, e.g. 24,576 → 1,536 at DeepSeek-V3's sizes); the
-// backward recomputes q. Padded / packed shapes as mla_attention (DESIGN.md §3):
+// backward recomputes q. Padded / packed shapes as mla_attention (docs/design.md §3):
 //   q_latent   (B, S, Lq)     | (T, Lq)
 //   wq_b       (H·(Dn+Dr), Lq), Hugging Face's q_b_proj.weight: per head [q_nope | q_rope] rows
 //   cos, sin   (B, S, Dr/2)   | (T, Dr/2), the rotation of each q_rope pair (any float dtype)
@@ -30,6 +30,7 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent(
     bool causal,
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
-    c10::SymInt max_seqlen);
+    c10::SymInt max_seqlen,
+    c10::string_view backend = "auto");
 
 }  // namespace torch_mla
