@@ -100,6 +100,31 @@ TEST_CASE("mla_attention on packed sequences equals each sequence alone", "[func
   }
 }
 
+TEST_CASE("MlaOptions().backend forces an attention core and explain says which and why", "[cores]") {
+  const Dims d;
+  const Inputs x = make_inputs(d, {2, 9}, torch::kDouble, 0);
+  const std::string chosen = torch_mla::explain(x.q, x.kv_latent, x.k_rope, x.wkv_b);
+  CHECK(chosen.rfind("cpu\n", 0) == 0);
+  CHECK_THAT(chosen, Catch::Contains("kernels: no: runs on CUDA tensors only"));
+  CHECK(torch_mla::explain(x.q, x.kv_latent, x.k_rope, x.wkv_b, torch_mla::MlaOptions().backend("composed"))
+            .rfind("composed\n", 0) == 0);
+
+  // Both CPU cores compute the same function: within rounding of each other in float64.
+  const auto on_cpu = torch_mla::mla_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, torch_mla::MlaOptions().backend("cpu"));
+  const auto composed =
+      torch_mla::mla_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, torch_mla::MlaOptions().backend("composed"));
+  CHECK(max_rel_err(composed, on_cpu) <= 1e-12);
+  const auto grads = grads_of(composed, x.list());
+  const auto ref_grads = grads_of(on_cpu, x.list());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    CAPTURE(i);
+    CHECK(max_rel_err(grads[i], ref_grads[i]) <= 1e-12);
+  }
+  REQUIRE_THROWS_WITH(
+      torch_mla::mla_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, torch_mla::MlaOptions().backend("cudnn")),
+      Catch::Contains("backend \"cudnn\" cannot serve this call: runs on CUDA tensors only"));
+}
+
 TEST_CASE("mla_attention rejects bad arguments with a message naming the argument", "[errors]") {
   const Dims d;
   const Inputs x = make_inputs(d, {2, 5}, torch::kDouble, 0);
