@@ -79,6 +79,12 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True) -> int:
         module._torch_mla_save_q_latent = save_q_latent
         module.forward = types.MethodType(_forward, module)
         count += 1
+        implementation = getattr(config, "_attn_implementation", None)
+        _warn_once(f"implementation {implementation}", (
+            "torch_mla.patch_model: the patched attention runs torch_mla's op whatever "
+            f"config._attn_implementation says ({implementation!r}); that implementation still "
+            "makes the mask torch_mla reads and runs the calls the op cannot serve "
+            "(output_attentions=True, queries attending to a KV cache)"))
     return count
 
 
@@ -105,7 +111,7 @@ def _fallback_reason(attn, seqlen: int, cache, kwargs) -> Optional[str]:
             kv_length = get_mask_sizes(seqlen, attn.layer_idx)[0]
         else:
             kv_length = cache.get_seq_length(attn.layer_idx) + seqlen
-        if not isinstance(kv_length, int) or kv_length != seqlen:
+        if torch.is_tensor(kv_length) or kv_length != seqlen:
             # Keys of earlier tokens (a decode step), or a static cache's fixed key length: the
             # op attends queries to keys of the same tokens.
             return "cache"

@@ -97,7 +97,8 @@ def _low_rank(name: str, module: nn.Module, x: torch.Tensor) -> Tuple[torch.Tens
         if adapter not in module.lora_A:
             continue
         lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
-        x = module._cast_input_dtype(x, lora_a.weight.dtype)
+        cast = getattr(module, "_cast_input_dtype", None)  # peft >= 0.15; x.to(...) before
+        x = cast(x, lora_a.weight.dtype) if cast is not None else x.to(lora_a.weight.dtype)
         us.append(lora_a(module.lora_dropout[adapter](x)) * module.scaling[adapter])
         bs.append(lora_b.weight)
     return base.weight, us, bs
