@@ -179,3 +179,29 @@ def test_other_tuners_are_refused():
                                                                feedforward_modules=[]))
     with pytest.raises(ValueError, match=r"kv_b_proj is wrapped by peft\.tuners\.ia3\..*other than LoRA"):
         torch_mla.patch_model(ia3)
+
+
+def test_lora_keeps_the_latent_saving():
+    """LoRA on q_b_proj and kv_b_proj adds, inside the attention, exactly the adapters' r values
+    per token (u, joined to the latents the op saves: no second copy of c) and the widened
+    weights [W | B] the op keeps (weight-sized, per layer)."""
+    from test_hf_padding import attention_saved_bytes
+    ids = token_ids(seqlen=64)
+    saved = []
+    for targets in (["o_proj"], ["q_b_proj", "kv_b_proj", "o_proj"]):
+        torch.manual_seed(1)
+        model = peft.get_peft_model(make_model("v3"), lora_config(targets, r=4))
+        for p in model.parameters():
+            p.requires_grad_(True)  # everything trains, so every saved tensor is needed
+        assert torch_mla.patch_model(model) == 2
+        saved.append(attention_saved_bytes(model, ids))
+    tokens, r, layers, f32 = ids.numel(), 4, 2, 4
+    config = make_model("v3").config
+    heads = config.num_attention_heads
+    wide_weights = (heads * (config.qk_nope_head_dim + config.v_head_dim) * (config.kv_lora_rank + r)
+                    + heads * (config.qk_nope_head_dim + config.qk_rope_head_dim) * (config.q_lora_rank + r))
+    expected = layers * (tokens * 2 * r + wide_weights) * f32
+    print(f"\nLoRA r=4 on q_b_proj, kv_b_proj: attention saves {saved[1]} B vs {saved[0]} B without, "
+          f"+{saved[1] - saved[0]} B (u per token {layers * tokens * 2 * r * f32} B, widened weights "
+          f"{layers * wide_weights * f32} B)")
+    assert saved[1] - saved[0] == expected

@@ -79,37 +79,94 @@ def check_adapters(attn: nn.Module, save_q_latent: bool) -> None:
         _check_module(name, getattr(attn, name, None))
 
 
-def _low_rank(name: str, module: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
-    """The weight W of `module` and, per active unmerged LoRA adapter, u = s·A·dropout(x) and
-    B's weight, as peft's ``lora.Linear.forward`` applies them (same order, same dropout draws)."""
+class _LowRankLatent(torch.autograd.Function):
+    """``[x | s₁·d₁·A₁ᵀ | s₂·d₂·A₂ᵀ …]`` with ``d = x``, or ``x ⊙ keep / (1−p)`` under dropout:
+    the adapters' low-rank activations joined to the latent. It saves only its result, whose
+    first columns are x itself (the op saves the same tensor: one storage), the A weights and
+    the dropout masks as bool, so LoRA adds r values per token, not a second copy of x."""
+
+    @staticmethod
+    def forward(ctx, x, scalings, keep_scales, *tensors):
+        count = len(scalings)
+        weights, keeps = tensors[:count], tensors[count:]
+        parts = [x]
+        for a, s, keep, keep_scale in zip(weights, scalings, keeps, keep_scales):
+            d = x if keep is None else x * keep * keep_scale
+            parts.append(((d.to(a.dtype) @ a.t()) * s).to(x.dtype))
+        wide = torch.cat(parts, dim=-1)
+        ctx.scalings, ctx.keep_scales = scalings, keep_scales
+        ctx.save_for_backward(wide, *weights, *keeps)
+        return wide
+
+    @staticmethod
+    def backward(ctx, grad):
+        wide, *rest = ctx.saved_tensors
+        count = len(ctx.scalings)
+        weights, keeps = rest[:count], rest[count:]
+        width = wide.shape[-1] - sum(a.shape[0] for a in weights)
+        x = wide[..., :width]
+        grad_x = grad[..., :width]
+        grad_weights = []
+        offset = width
+        for i, (a, s, keep, keep_scale) in enumerate(zip(weights, ctx.scalings, keeps, ctx.keep_scales)):
+            rank = a.shape[0]
+            du = grad[..., offset:offset + rank].to(a.dtype) * s
+            offset += rank
+            if ctx.needs_input_grad[0]:
+                gd = (du @ a).to(x.dtype)
+                grad_x = grad_x + (gd if keep is None else gd * keep * keep_scale)
+            grad_a = None
+            if ctx.needs_input_grad[3 + i]:
+                d = x if keep is None else x * keep * keep_scale
+                grad_a = du.reshape(-1, rank).t() @ d.reshape(-1, width).to(a.dtype)
+            grad_weights.append(grad_a)
+        return (grad_x, None, None, *grad_weights, *([None] * count))
+
+
+def _widen(name: str, module: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The latent and weight the op takes for `module` applied to x: (x, W) without active
+    unmerged LoRA adapters, else ``([x | u₁ …], [W | B₁ …])`` with u = s·A·dropout(x), as peft's
+    ``lora.Linear.forward`` applies them (same order, same dropout draws)."""
     base = getattr(module, "base_layer", None)
     if base is None:
-        return module.weight, [], []
+        return x, module.weight
     if module.disable_adapters:
         if module.merged:
             module.unmerge()  # as peft's forward does
-        return base.weight, [], []
+        return x, base.weight
     if module.merged:
-        return base.weight, [], []
+        return x, base.weight
     _check_module(name, module, module.active_adapters)
-    us, bs = [], []
-    for adapter in module.active_adapters:
-        if adapter not in module.lora_A:
-            continue
-        lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+    adapters = [a for a in module.active_adapters if a in module.lora_A]
+    if not adapters:
+        return x, base.weight
+    weight = torch.cat([base.weight] + [module.lora_B[a].weight.to(base.weight.dtype) for a in adapters], dim=1)
+    scalings, keep_scales, weights, keeps = [], [], [], []
+    for adapter in adapters:
+        dropout = module.lora_dropout[adapter]
+        if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+            # The same draws as dropout(x) (one Bernoulli per element); kept as bool.
+            keep = dropout(torch.ones_like(x)) != 0
+            keep_scale = 1.0 / (1.0 - dropout.p) if dropout.p < 1 else 0.0
+        elif isinstance(dropout, (nn.Dropout, nn.Identity)):
+            keep, keep_scale = None, 1.0
+        else:  # a dropout module of another kind: applied as peft applies it
+            return _widen_by_cat(module, adapters, x, weight)
+        scalings.append(float(module.scaling[adapter]))
+        keep_scales.append(keep_scale)
+        weights.append(module.lora_A[adapter].weight)
+        keeps.append(keep)
+    return _LowRankLatent.apply(x, tuple(scalings), tuple(keep_scales), *weights, *keeps), weight
+
+
+def _widen_by_cat(module, adapters, x, weight):
+    us = []
+    for adapter in adapters:
+        lora_a = module.lora_A[adapter]
         cast = getattr(module, "_cast_input_dtype", None)  # peft >= 0.15; x.to(...) before
-        x = cast(x, lora_a.weight.dtype) if cast is not None else x.to(lora_a.weight.dtype)
-        us.append(lora_a(module.lora_dropout[adapter](x)) * module.scaling[adapter])
-        bs.append(lora_b.weight)
-    return base.weight, us, bs
-
-
-def _widen(latent: torch.Tensor, weight: torch.Tensor, us, bs) -> Tuple[torch.Tensor, torch.Tensor]:
-    if not us:
-        return latent, weight
-    latent = torch.cat([latent] + [u.to(latent.dtype) for u in us], dim=-1)
-    weight = torch.cat([weight] + [b.to(weight.dtype) for b in bs], dim=1)
-    return latent, weight
+        xa = cast(x, lora_a.weight.dtype) if cast is not None else x.to(lora_a.weight.dtype)
+        us.append((lora_a(module.lora_dropout[adapter](xa)) * module.scaling[adapter]).to(x.dtype))
+    return torch.cat([x] + us, dim=-1), weight
 
 
 def peft_latent_attention(attn: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor,
@@ -130,8 +187,7 @@ def peft_latent_attention(attn: nn.Module, hidden_states: torch.Tensor, cos: tor
     q_module = getattr(attn, q_name)
     q_input = hidden_states if attn.q_lora_rank is None else attn.q_a_layernorm(attn.q_a_proj(hidden_states))
     if save_q_latent:
-        wq, us, bs = _low_rank(q_name, q_module, q_input)
-        q_latent, wq_b = _widen(q_input, wq, us, bs)
+        q_latent, wq_b = _widen(q_name, q_module, q_input)
     else:
         q = q_module(q_input)
 
@@ -139,9 +195,8 @@ def peft_latent_attention(attn: nn.Module, hidden_states: torch.Tensor, cos: tor
     kv_latent, k_rope = latent_and_rope.split([attn.kv_lora_rank, dim_rope], dim=-1)
     kv_latent = attn.kv_a_layernorm(kv_latent)
     k_rope = apply_rope(k_rope, cos, sin, rope_interleave)
-    wkv, us, bs = _low_rank("kv_b_proj", attn.kv_b_proj, kv_latent)
-    wide_latent, wkv_b = _widen(kv_latent, wkv, us, bs)
-    num_heads = wkv.shape[0] // (dim_nope + attn.v_head_dim)
+    wide_latent, wkv_b = _widen("kv_b_proj", attn.kv_b_proj, kv_latent)
+    num_heads = wkv_b.shape[0] // (dim_nope + attn.v_head_dim)
 
     if save_q_latent:
         out = mla_attention_q_latent(
