@@ -3,25 +3,28 @@
 Each ``DeepseekV2Attention`` / ``DeepseekV3Attention`` keeps its parameters (same tensors, so
 optimizer state and checkpoints stay valid) and gets a forward that runs torch_mla's op on its
 latents. transformers itself is never imported here: the classes are looked up among the modules
-the model was built from.
+the model was built from. PEFT LoRA adapters on the projections the op takes as weights are
+handled in :mod:`torch_mla.hf_peft`.
 """
 import sys
 import types
+import warnings
 import weakref
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .modules import latent_attention
+from .hf_peft import check_adapters, peft_latent_attention
 
 _ATTENTION_CLASSES = (
     ("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2Attention"),
     ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3Attention"),
 )
 
-_MASK_HELP = ("torch_mla supports causal attention, over whole rows or over packed sequences "
-              "(a block-causal mask, or cu_seq_lens_q); pack sequences instead of padding them")
+_MASK_HELP = ("torch_mla supports causal attention over whole rows, packed sequences (a "
+              "block-causal mask, or cu_seq_lens_q) and padding (a 2-D attention_mask, or HF's "
+              "4-D mask made from one), each combined with the others")
 
 
 def _attention_classes() -> Tuple[type, ...]:
@@ -39,10 +42,21 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True) -> int:
     The attention modules keep their parameters; only their forward changes. Supported inputs:
     causal attention (``attention_mask`` None, all ones, or HF's causal mask), packed sequences
     (HF's block-causal mask from restarting ``position_ids``, or ``cu_seq_lens_q`` /
-    ``max_length_q`` keyword arguments as flash-attention collators pass them). Other masks
-    (padding, custom 4-D masks, sliding windows) raise ValueError at forward. Decoding with a
-    filled KV cache (queries shorter than keys) runs the original HF forward; a prefill through
+    ``max_length_q`` keyword arguments as flash-attention collators pass them), and padded
+    batches (a 2-D padding ``attention_mask``, left or right, or the 4-D mask HF derives from
+    one): the real tokens run as packed sequences and padded positions get zeros. Other masks
+    (custom 4-D masks, additive biases, sliding windows) and attention dropout in training raise
+    ValueError at forward.
+
+    The model's own attention (``config._attn_implementation``) runs instead, for that call only,
+    where the op cannot serve it: ``output_attentions=True`` (with a one-time warning), and
+    queries attending to keys of a KV cache (decode steps, static caches); a prefill through
     torch_mla writes the cache in HF's layout.
+
+    PEFT LoRA adapters on ``q_b_proj`` / ``q_proj`` / ``kv_b_proj`` (the projections the op takes
+    as weights) are honoured, patched before or after ``peft.get_peft_model``: the adapter's
+    low-rank activations join the latent the op saves. Adapter kinds it cannot honour (DoRA,
+    LoRA variants, lora_bias, other tuners) raise ValueError here or at forward.
 
     save_q_latent: keep q's latent rather than q for backward (see MultiHeadLatentAttention).
     Returns the number of attention modules patched by this call (already patched ones are skipped).
@@ -57,49 +71,104 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True) -> int:
             raise ValueError("torch_mla.patch_model: sliding-window attention is not supported")
         for name in ("q_proj", "q_b_proj", "kv_b_proj"):  # weights the op takes without a bias
             linear = getattr(module, name, None)
-            if linear is not None and linear.bias is not None:
+            bias = getattr(getattr(linear, "base_layer", linear), "bias", None)
+            if bias is not None:
                 raise ValueError(f"torch_mla.patch_model: {name} has a bias, which the op does not take")
+        check_adapters(module, save_q_latent)
         module._torch_mla_patched = True
         module._torch_mla_save_q_latent = save_q_latent
         module.forward = types.MethodType(_forward, module)
         count += 1
+        implementation = getattr(config, "_attn_implementation", None)
+        _warn_once(f"implementation {implementation}", (
+            "torch_mla.patch_model: the patched attention runs torch_mla's op whatever "
+            f"config._attn_implementation says ({implementation!r}); that implementation still "
+            "makes the mask torch_mla reads and runs the calls the op cannot serve "
+            "(output_attentions=True, queries attending to a KV cache)"))
     return count
+
+
+_warned = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _fallback_reason(attn, seqlen: int, cache, kwargs) -> Optional[str]:
+    """Why this call cannot run through the op (None: it can). Shapes and flags only: nothing here
+    reads tensor data, so a compiled decoding step traces without a graph break."""
+    output_attentions = kwargs.get("output_attentions")
+    if output_attentions is None:
+        output_attentions = getattr(attn.config, "output_attentions", False)
+    if output_attentions:
+        return "output_attentions"
+    if cache is not None:
+        get_mask_sizes = getattr(cache, "get_mask_sizes", None)
+        if get_mask_sizes is not None:
+            kv_length = get_mask_sizes(seqlen, attn.layer_idx)[0]
+        else:
+            kv_length = cache.get_seq_length(attn.layer_idx) + seqlen
+        if torch.is_tensor(kv_length) or kv_length != seqlen:
+            # Keys of earlier tokens (a decode step), or a static cache's fixed key length: the
+            # op attends queries to keys of the same tokens.
+            return "cache"
+    return None
 
 
 def _forward(self, hidden_states, *, position_embeddings=None, attention_mask=None, cache=None,
              **kwargs):
     """The patched forward of a DeepseekV2Attention / DeepseekV3Attention (same call, same
-    returns: (output, None) — attention weights are never materialised)."""
+    returns: (output, None) — attention weights are never materialised; a call that asks for
+    them runs the original forward)."""
     cache = cache if cache is not None else kwargs.pop("past_key_values", None)
-    if cache is not None and cache.get_seq_length(self.layer_idx) > 0:
-        # Decoding: queries attend to cached keys, which the op (q and kv of one length) does not
-        # cover; inference saves nothing for backward anyway.
+    batch, seqlen = hidden_states.shape[:2]
+    reason = _fallback_reason(self, seqlen, cache, kwargs)
+    if reason is not None:
+        implementation = getattr(self.config, "_attn_implementation", None)
+        if reason == "output_attentions":
+            _warn_once(reason, "torch_mla.patch_model: output_attentions=True asks for the "
+                       "attention weights, which torch_mla never materialises: such calls run the "
+                       f"model's own attention ({implementation!r}), without torch_mla's memory saving")
+        elif torch.is_grad_enabled() and self.training:
+            _warn_once(reason, "torch_mla.patch_model: queries attend to keys held in a KV cache "
+                       "(a decode step or a static cache), which the op does not cover: such calls "
+                       f"run the model's own attention ({implementation!r}), without torch_mla's "
+                       "memory saving; train without a cache (use_cache=False)")
         return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
                                   attention_mask=attention_mask, cache=cache, **kwargs)
     if self.training and self.attention_dropout > 0:
         raise ValueError("torch_mla.patch_model: attention dropout is not supported "
                          f"(config.attention_dropout = {self.attention_dropout})")
 
-    batch, seqlen = hidden_states.shape[:2]
     cu_seqlens, max_seqlen = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    layout = _Layout(None, None, None)
     if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(torch.int32)
         max_seqlen = int(max_seqlen) if max_seqlen is not None else None
+        layout = _Layout(None, cu_seqlens.to(torch.int32), max_seqlen)
     elif attention_mask is not None:
-        cu_seqlens, max_seqlen = _sequences_from_mask(attention_mask, batch, seqlen)
+        layout = _sequences_from_mask(attention_mask, batch, seqlen)
 
     cos, sin, interleave, hf_deinterleaves = _rotation(self, position_embeddings)
     half = self.qk_rope_head_dim // 2
     cos, sin = cos.expand(batch, seqlen, half), sin.expand(batch, seqlen, half)
     run = dict(scale=self.scaling, rope_interleave=interleave,
                save_q_latent=self._torch_mla_save_q_latent)
-    if cu_seqlens is None:
-        out, kv_latent, k_rope = latent_attention(self, hidden_states, cos, sin, **run)
+    tokens = batch * seqlen
+    if layout.cu_seqlens is None:
+        out, kv_latent, k_rope = peft_latent_attention(self, hidden_states, cos, sin, **run)
     else:
-        tokens = batch * seqlen
-        out, kv_latent, k_rope = latent_attention(
-            self, hidden_states.reshape(tokens, -1), cos.reshape(tokens, half),
-            sin.reshape(tokens, half), cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **run)
+        x, cos, sin = (t.reshape(tokens, t.shape[-1]) for t in (hidden_states, cos, sin))
+        if layout.indices is not None:  # unpad: only the real tokens go through
+            x, cos, sin = (t.index_select(0, layout.indices) for t in (x, cos, sin))
+        out, kv_latent, k_rope = peft_latent_attention(
+            self, x, cos, sin, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen, **run)
+        if layout.indices is not None:  # pad back, zeros at padded positions
+            out = _PadBack.apply(out, layout.indices, tokens)
+            if cache is not None:
+                kv_latent, k_rope = (_PadBack.apply(t, layout.indices, tokens) for t in (kv_latent, k_rope))
         out = out.view(batch, seqlen, -1)
 
     if cache is not None:
@@ -109,6 +178,21 @@ def _forward(self, hidden_states, *, position_embeddings=None, attention_mask=No
         cache.update(kv_latent.reshape(batch, 1, seqlen, -1), k_rope.reshape(batch, 1, seqlen, -1),
                      self.layer_idx, kwargs=kwargs)
     return out, None
+
+
+class _PadBack(torch.autograd.Function):
+    """x (T, ...) placed at rows `indices` of zeros (tokens, ...); saves only the indices
+    (index_copy's backward would keep x too)."""
+
+    @staticmethod
+    def forward(ctx, x, indices, tokens):
+        ctx.save_for_backward(indices)
+        return x.new_zeros((tokens,) + tuple(x.shape[1:])).index_copy_(0, indices, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return grad.index_select(0, indices), None, None
 
 
 def _rotation(attn, position_embeddings) -> Tuple[torch.Tensor, torch.Tensor, bool, bool]:
@@ -124,14 +208,23 @@ def _rotation(attn, position_embeddings) -> Tuple[torch.Tensor, torch.Tensor, bo
     return cos[..., :half], sin[..., :half], interleave, interleave
 
 
+class _Layout(NamedTuple):
+    """How the B·S tokens of a call are attended: indices (T,) of the real tokens among the
+    B·S (None: all are real), and the sequences of those T tokens, cu_seqlens (N+1,) int32 and
+    max_seqlen (None, None: one causal sequence per row, nothing padded)."""
+    indices: Optional[torch.Tensor]
+    cu_seqlens: Optional[torch.Tensor]
+    max_seqlen: Optional[int]
+
+
 _last_mask: list = [None, None, None]  # weakref to the mask, its _version, the result
 
 
 @torch.compiler.disable
-def _sequences_from_mask(mask, batch: int, seqlen: int) -> Tuple[Optional[torch.Tensor], Optional[int]]:
-    """Reads HF's attention mask: (None, None) for causal attention over whole rows, or
-    (cu_seqlens, max_seqlen) over the B·S tokens for block-causal (packed) rows; ValueError for
-    anything else. Every layer gets the same mask object, so the last answer is kept."""
+def _sequences_from_mask(mask, batch: int, seqlen: int) -> _Layout:
+    """Reads HF's attention mask into a _Layout; ValueError for anything but causal attention
+    within sequences (rows, or packed block-causal rows) over the real tokens (key padding).
+    Every layer gets the same mask object, so the last answer is kept."""
     ref, version, result = _last_mask
     if ref is not None and ref() is mask and version == mask._version:
         return result
@@ -140,41 +233,65 @@ def _sequences_from_mask(mask, batch: int, seqlen: int) -> Tuple[Optional[torch.
     return result
 
 
-def _read_mask(mask, batch: int, seqlen: int) -> Tuple[Optional[torch.Tensor], Optional[int]]:
+def _read_mask(mask, batch: int, seqlen: int) -> _Layout:
     if not torch.is_tensor(mask):
         raise ValueError(f"torch_mla.patch_model: attention masks of type {type(mask).__name__} "
                          f"(flex attention) are not supported; {_MASK_HELP}")
-    if mask.dim() == 2:  # flash-attention style (B, S) padding mask
-        if bool(mask.bool().all()):
-            return None, None
-        raise ValueError(f"torch_mla.patch_model: padding masks are not supported; {_MASK_HELP}")
+    if mask.dim() == 2:  # flash-attention style (B, S) padding mask: one sequence per row
+        if tuple(mask.shape) != (batch, seqlen):
+            raise ValueError(f"torch_mla.patch_model: a 2-D attention mask of shape "
+                             f"{tuple(mask.shape)} for {batch}×{seqlen} queries; expected "
+                             f"({batch}, {seqlen})")
+        real = mask.bool()
+        if bool(real.all()):
+            return _Layout(None, None, None)
+        lengths = real.sum(-1)
+        cu_seqlens = torch.cat((lengths.new_zeros(1), lengths.cumsum(0))).to(torch.int32)
+        return _Layout(real.reshape(-1).nonzero().flatten(), cu_seqlens, int(lengths.max()))
     if mask.dim() != 4 or tuple(mask.shape[-2:]) != (seqlen, seqlen):
+        keys = f"{mask.shape[-1]} keys for {seqlen} queries (keys of a KV cache?), " if mask.dim() == 4 else ""
         raise ValueError(f"torch_mla.patch_model: expected a 4-D mask (B, 1, {seqlen}, {seqlen}), "
-                         f"got shape {tuple(mask.shape)}; {_MASK_HELP}")
+                         f"got shape {tuple(mask.shape)}: {keys}which the op does not attend; {_MASK_HELP}")
     if mask.dtype == torch.bool:
         allowed = mask
     else:
         # HF's additive masks: 0 where attended, the dtype's minimum (or -inf) elsewhere.
         allowed = mask == 0
         if not bool((allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
-            raise ValueError("torch_mla.patch_model: additive attention biases are not supported; "
-                             + _MASK_HELP)
+            raise ValueError("torch_mla.patch_model: additive attention biases (values other "
+                             "than 0 and the dtype's minimum) are not supported; " + _MASK_HELP)
     allowed = allowed.expand(batch, -1, -1, -1)
     if not bool((allowed == allowed[:, :1]).all()):
         raise ValueError(f"torch_mla.patch_model: per-head masks are not supported; {_MASK_HELP}")
     allowed = allowed[:, 0]
 
-    # A sequence starts at token 0 and wherever a token may not see the one just before it.
+    # A token is real (not padding) where it sees itself. Among the real tokens of a row, a
+    # sequence starts at the first and wherever a token may not see the real one before it.
     index = torch.arange(seqlen, device=mask.device)
-    starts = torch.ones(batch, seqlen, dtype=torch.bool, device=mask.device)
-    starts[:, 1:] = ~allowed[:, index[1:], index[:-1]]
+    real = allowed[:, index, index]
+    previous = torch.where(real, index, -1).cummax(-1).values
+    previous = torch.cat((previous.new_full((batch, 1), -1), previous[:, :-1]), dim=1)
+    sees_previous = allowed.gather(2, previous.clamp(min=0)[..., None])[..., 0] & (previous >= 0)
+    starts = real & ~sees_previous
     seq = starts.cumsum(-1)
-    block_causal = (index[:, None] >= index[None, :]) & (seq[:, :, None] == seq[:, None, :])
-    if not torch.equal(allowed, block_causal):
-        raise ValueError("torch_mla.patch_model: the attention mask is neither causal nor "
-                         f"block-causal (padding, a custom mask or a sliding window); {_MASK_HELP}")
-    if not bool(starts[:, 1:].any()):
-        return None, None
-    first = starts.reshape(-1).nonzero().flatten()
-    cu_seqlens = torch.cat((first, first.new_tensor([batch * seqlen]))).to(torch.int32)
-    return cu_seqlens, int(cu_seqlens.diff().max())
+    expected = ((index[:, None] >= index[None, :]) & (seq[:, :, None] == seq[:, None, :])
+                & real[:, :, None] & real[:, None, :])
+    seen = allowed & real[:, :, None]  # what a padded query sees does not matter (zeroed)
+    if not torch.equal(seen, expected):
+        b, i, j = (seen != expected).nonzero()[0].tolist()
+        what = "attends" if bool(seen[b, i, j]) else "does not attend"
+        raise ValueError(
+            "torch_mla.patch_model: the attention mask is not causal within sequences over the "
+            f"real tokens (padding, packing): in row {b}, query {i} {what} key {j} (a custom "
+            f"mask, a sliding window or bidirectional attention?); {_MASK_HELP}")
+    padded = not bool(real.all())
+    if not padded and int(starts.sum()) == batch:
+        return _Layout(None, None, None)
+    indices = real.reshape(-1).nonzero().flatten() if padded else None
+    starts = starts.reshape(-1)
+    if indices is not None:
+        starts = starts[indices]
+    first = starts.nonzero().flatten()
+    cu_seqlens = torch.cat((first, first.new_tensor([starts.numel()]))).to(torch.int32)
+    max_seqlen = int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else None
+    return _Layout(indices, cu_seqlens, max_seqlen)
