@@ -73,6 +73,11 @@ inline float atomicAdd(float* p, float v, ::simt::Loc loc = ::simt::Loc::current
 inline float2 atomicAdd(float2* p, float2 v, ::simt::Loc loc = ::simt::Loc::current()) {
   return ::simt::atomic_add(p, v, loc);
 }
+// The shared-memory window's 32-bit address of a generic pointer: its byte offset in the block's
+// dynamic shared memory (checked to lie inside it).
+inline size_t __cvta_generic_to_shared(const void* p, ::simt::Loc loc = ::simt::Loc::current()) {
+  return ::simt::cvta_shared(p, loc);
+}
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 
@@ -94,7 +99,9 @@ namespace torch_mla::cuda {
 // ---- host: the emulator's checked implementations -------------------------------------------
 using SimtLoc = ::simt::Loc;
 
-inline uint32_t smem_addr(const void* p, SimtLoc loc = SimtLoc::current()) { return ::simt::cvta_shared(p, loc); }
+inline uint32_t smem_addr(const void* p, SimtLoc loc = SimtLoc::current()) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p, loc));
+}
 
 inline void cp_async_16(uint32_t dst, const void* src, bool valid, SimtLoc loc = SimtLoc::current()) {
   ::simt::cp_async(dst, src, 16, valid ? 16 : 0, loc);
