@@ -12,16 +12,16 @@
 //    summed over heads in-kernel (with one group of all heads, deterministically).
 // 3. dQ (deterministic path only): one CTA per (query block, head, sequence) that recomputes P and
 //    dS over the visible key blocks and owns its dQ rows, so no atomics are needed.
-#include <cuda_runtime.h>
-
-#include <c10/cuda/CUDAException.h>
-#include <c10/macros/Macros.h>
-
 #include <cmath>
 
+// mla_target.cuh is the one switch between the targets: the CUDA headers and inline PTX under
+// nvcc, the emulator of csrc/simt under TORCH_MLA_SIMT (host C++); global and shared accesses go
+// through its load_global / global_ref / load_shared / store_shared (plain accesses on the GPU,
+// checked by the emulator); launches through its launch_kernel.
 #include "torch_mla/cuda/mla_forward.cuh"
 #include "torch_mla/cuda/mla_mma.cuh"
 #include "torch_mla/cuda/mla_params.h"
+#include "torch_mla/cuda/mla_target.cuh"
 #include "torch_mla/mla_math.h"
 
 namespace torch_mla::cuda {
@@ -40,8 +40,8 @@ __global__ void mla_backward_preprocess_kernel(const MlaParams p, int dim_v) {
   const T* d_o = static_cast<const T*>(p.grad_out) + token * p.do_row_stride + h * p.do_head_stride;
   float acc = 0.f;
   for (int c = lane * 8; c < dim_v; c += kWarpSize * 8) {
-    const uint4 ov = *reinterpret_cast<const uint4*>(o + c);
-    const uint4 dv = *reinterpret_cast<const uint4*>(d_o + c);
+    const uint4 ov = load_global(reinterpret_cast<const uint4*>(o + c));
+    const uint4 dv = load_global(reinterpret_cast<const uint4*>(d_o + c));
     const uint32_t ow[4] = {ov.x, ov.y, ov.z, ov.w};
     const uint32_t dw[4] = {dv.x, dv.y, dv.z, dv.w};
 #pragma unroll
@@ -54,8 +54,8 @@ __global__ void mla_backward_preprocess_kernel(const MlaParams p, int dim_v) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
   if (lane == 0) {
-    p.delta[h * p.tokens + token] = acc;
-    p.lse_log2[h * p.tokens + token] = p.lse[token * p.heads + h] * kLog2e;
+    global_ref(&p.delta[h * p.tokens + token]) = acc;
+    global_ref(&p.lse_log2[h * p.tokens + token]) = load_global(&p.lse[token * p.heads + h]) * kLog2e;
   }
 }
 
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) mla_backward_kernel(const
   const int h_begin = group * p.heads_per_cta;
   const int h_end = min(p.heads, h_begin + p.heads_per_cta);
 
-  extern __shared__ __align__(16) unsigned char smem[];
+  TORCH_MLA_DYNAMIC_SMEM(smem);
   const uint32_t sK = smem_addr(smem);
   const uint32_t sV = sK + TileK::kBytes;
   const uint32_t sQ0 = sV + TileV::kBytes;  // two buffers each of Q, dO and row statistics
@@ -208,8 +208,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) mla_backward_kernel(const
       for (int i = 0; i < 2; ++i) {
         const int r = row0 + g + 8 * i;
         const int q_pos = m0 + r;
-        const float row_lse = lse_log2[r];
-        const float row_delta = delta[r];
+        const float row_lse = load_shared(&lse_log2[r]);
+        const float row_delta = load_shared(&delta[r]);
 #pragma unroll
         for (int j = 0; j < kBlockN / 16; ++j) {
 #pragma unroll
@@ -268,7 +268,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) mla_backward_kernel(const
       const int c = idx % row_chunks;
       const T* src = c < nope_chunks ? sDK_ptr + r * TileQ::kStride + c * 8
                                      : sDV_ptr + r * TileDO::kStride + (c - nope_chunks) * 8;
-      *reinterpret_cast<uint4*>(dkv + r * dkv_row_stride + c * 8) = *reinterpret_cast<const uint4*>(src);
+      global_ref(reinterpret_cast<uint4*>(dkv + r * dkv_row_stride + c * 8)) =
+          load_shared(reinterpret_cast<const uint4*>(src));
     }
     __syncthreads();  // staging buffers free before the next head's copies
   }
@@ -325,7 +326,7 @@ __global__ void __launch_bounds__(Traits::kThreads) mla_backward_dq_kernel(const
   const int m0 = m_block * kBlockM;
   if (m0 >= len) return;
 
-  extern __shared__ __align__(16) unsigned char smem[];
+  TORCH_MLA_DYNAMIC_SMEM(smem);
   T* const sQ_ptr = reinterpret_cast<T*>(smem);
   const uint32_t sQ = smem_addr(smem);
   const uint32_t sDO = sQ + TileQ::kBytes;
@@ -357,8 +358,8 @@ __global__ void __launch_bounds__(Traits::kThreads) mla_backward_dq_kernel(const
   for (int i = 0; i < 2; ++i) {
     const int r = warp_m0 + g + 8 * i;
     const int64_t idx = h * p.tokens + seq.begin + m0 + r;
-    row_lse[i] = r < q_rows ? p.lse_log2[idx] : 0.f;
-    row_delta[i] = r < q_rows ? p.delta[idx] : 0.f;
+    row_lse[i] = r < q_rows ? load_global(&p.lse_log2[idx]) : 0.f;
+    row_delta[i] = r < q_rows ? load_global(&p.delta[idx]) : 0.f;
   }
 
   float acc_dq[kDimQK / 8][4] = {};
@@ -411,9 +412,7 @@ template <typename T>
 void run_mla_backward_preprocess(const MlaParams& params, int dim_v, cudaStream_t stream) {
   constexpr int kWarpsPerBlock = 8;
   const int64_t blocks = ceil_div(params.tokens * params.heads, kWarpsPerBlock);
-  mla_backward_preprocess_kernel<T><<<static_cast<unsigned>(blocks), kWarpsPerBlock * kWarpSize, 0, stream>>>(
-      params, dim_v);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel<mla_backward_preprocess_kernel<T>>(blocks, kWarpsPerBlock * kWarpSize, 0, stream, params, dim_v);
 }
 
 template <typename T, int kDimQK, int kDimV>
@@ -426,21 +425,12 @@ void run_mla_backward(const MlaParams& params, bool deterministic, cudaStream_t 
   const int64_t groups = ceil_div(p.heads, p.heads_per_cta);
   const int64_t blocks = ceil_div(p.max_seqlen, Traits::kBlockN) * p.batch * groups;
   if (deterministic) {
-    auto kernel = mla_backward_kernel<T, Traits, false>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes));
-    kernel<<<static_cast<unsigned>(blocks), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel<mla_backward_kernel<T, Traits, false>>(blocks, Traits::kThreads, Traits::kSmemBytes, stream, p);
     using DqT = DqTraits<kDimQK, kDimV>;
-    auto dq_kernel = mla_backward_dq_kernel<T, DqT>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, DqT::kSmemBytes));
     const int64_t dq_blocks = ceil_div(p.max_seqlen, DqT::kBlockM) * p.batch * p.heads;
-    dq_kernel<<<static_cast<unsigned>(dq_blocks), DqT::kThreads, DqT::kSmemBytes, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel<mla_backward_dq_kernel<T, DqT>>(dq_blocks, DqT::kThreads, DqT::kSmemBytes, stream, p);
   } else {
-    auto kernel = mla_backward_kernel<T, Traits, true>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes));
-    kernel<<<static_cast<unsigned>(blocks), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel<mla_backward_kernel<T, Traits, true>>(blocks, Traits::kThreads, Traits::kSmemBytes, stream, p);
   }
 }
 

@@ -7,15 +7,15 @@
 // cores, online softmax in registers (base 2), O += P·V with P kept in registers. K's tile is
 // [k_nope from the expanded KV buffer | k_rope], k_rope read straight from its (T, Dr) tensor for
 // every head. The V copy overlaps S and the softmax; the next K copy overlaps P·V.
-#include <cuda_runtime.h>
-
-#include <c10/cuda/CUDAException.h>
-#include <c10/macros/Macros.h>
-
 #include <cmath>
 
+// mla_target.cuh is the one switch between the targets: the CUDA headers and inline PTX under
+// nvcc, the emulator of csrc/simt under TORCH_MLA_SIMT (host C++); global and shared accesses go
+// through its load_global / global_ref / load_shared / store_shared (plain accesses on the GPU,
+// checked by the emulator); launches through its launch_kernel.
 #include "torch_mla/cuda/mla_mma.cuh"
 #include "torch_mla/cuda/mla_params.h"
+#include "torch_mla/cuda/mla_target.cuh"
 #include "torch_mla/mla_math.h"
 
 namespace torch_mla::cuda {
@@ -71,8 +71,8 @@ __device__ __forceinline__ void warp_copy_rows_to_global(const T* tile, int vali
     const int r = idx / kChunks;
     const int c = idx % kChunks;
     if (r < valid_rows) {
-      *reinterpret_cast<uint4*>(row_ptr(r) + c * 8) =
-          *reinterpret_cast<const uint4*>(tile + r * kStride + c * 8);
+      global_ref(reinterpret_cast<uint4*>(row_ptr(r) + c * 8)) =
+          load_shared(reinterpret_cast<const uint4*>(tile + r * kStride + c * 8));
     }
   }
 }
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) mla_forward_kernel(const 
   const int m0 = m_block * kBlockM;
   if (m0 >= len) return;
 
-  extern __shared__ __align__(16) unsigned char smem[];
+  TORCH_MLA_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
   const uint32_t sQ_addr = smem_addr(smem);
   const uint32_t sK_addr = sQ_addr + TileQ::kBytes;
@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) mla_forward_kernel(const 
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int r = g + 8 * i;
-      if (r < warp_rows) p.lse[(seq.begin + m0 + warp_m0 + r) * p.heads + h] = lse[i];
+      if (r < warp_rows) global_ref(&p.lse[(seq.begin + m0 + warp_m0 + r) * p.heads + h]) = lse[i];
     }
   }
 }
@@ -224,12 +224,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) mla_forward_kernel(const 
 template <typename T, int kDimQK, int kDimV>
 void run_mla_forward(const MlaParams& params, cudaStream_t stream) {
   using Traits = ForwardTraits<kDimQK, kDimV>;
-  auto kernel = mla_forward_kernel<T, Traits>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes));
   const int64_t blocks =
       ceil_div(params.max_seqlen, Traits::kBlockM) * static_cast<int64_t>(params.batch) * params.heads;
-  kernel<<<static_cast<unsigned>(blocks), Traits::kThreads, Traits::kSmemBytes, stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel<mla_forward_kernel<T, Traits>>(blocks, Traits::kThreads, Traits::kSmemBytes, stream, params);
 }
 
 }  // namespace torch_mla::cuda

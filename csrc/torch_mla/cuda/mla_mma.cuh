@@ -1,79 +1,22 @@
 #pragma once
 // Warp-level building blocks of the attention kernels: asynchronous global→shared copies, shared
-// memory tiles, ldmatrix fragment loads and the m16n8k16 tensor-core MMA (mma.sync, sm_80+).
+// memory tiles, ldmatrix fragment loads and the m16n8k16 tensor-core MMA (mma.sync, sm_80+). The
+// primitives themselves (cp.async, ldmatrix, mma, atomics; inline PTX or emulated) are in
+// mla_target.cuh; everything here is plain code over them.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4), which every helper below assumes:
 //   A (16×16, row-major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
 //   B (16×8, k × n):      b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
 //   C (16×8, float):      c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
 // A warp's C tile is kept as float acc[N/8][4] (one entry per 8-column n-tile).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
 #include <cstring>
+
+#include "torch_mla/cuda/mla_target.cuh"
 
 namespace torch_mla::cuda {
 
 constexpr int kWarpSize = 32;
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte copy global→shared that bypasses L1; when !valid it reads nothing and writes zeros, so
-// rows past a sequence's end never bring (possibly NaN) memory into the tile.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 4 : 0));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-// Waits until at most N of this thread's committed copy groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// d += a · b for one m16n8k16 tile, float accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
-                                                         uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                  uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Two floats rounded to T and packed as one 32-bit register (lo in the low half).
 template <typename T>
@@ -253,19 +196,9 @@ __device__ __forceinline__ void store_c_to_smem(const float (&acc)[kNT][4], cons
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const uint32_t v = pack2<T>(acc[j][2 * i] * row_scale[i], acc[j][2 * i + 1] * row_scale[i]);
-      memcpy(tile + (m0 + g + 8 * i) * kStride + n0 + j * 8 + 2 * t, &v, sizeof(v));
+      store_shared(reinterpret_cast<uint32_t*>(tile + (m0 + g + 8 * i) * kStride + n0 + j * 8 + 2 * t), v);
     }
   }
-}
-
-// dst[0] += x, dst[1] += y in global memory; one vector atomic on sm_90 (dst 8-byte aligned).
-__device__ __forceinline__ void atomic_add_float2(float* dst, float x, float y) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x, y));
-#else
-  atomicAdd(dst, x);
-  atomicAdd(dst + 1, y);
-#endif
 }
 
 // Max and sum over the 4 lanes of a quad (the lanes holding one row of a C tile).

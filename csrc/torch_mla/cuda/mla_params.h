@@ -1,7 +1,9 @@
 #pragma once
 // The plain parameters of the CUDA kernels of mla_attention: pointers, element strides and sizes.
 // The kernels know nothing of tensors, autograd or dispatch; mla_attention_cuda.cu fills this in.
-#include <cuda_runtime_api.h>
+// Under TORCH_MLA_SIMT (mla_target.cuh) cudaStream_t is the emulator's simt::Stream*, so the same
+// host code fills it in for a launch on the CPU.
+#include "torch_mla/cuda/mla_target.cuh"
 
 #include <cstdint>
 
