@@ -36,6 +36,9 @@ CXX = shutil.which(os.environ.get("CXX", "c++"))
 READELF = shutil.which("readelf")
 if CMAKE is None or CXX is None:
     pytest.skip("needs cmake and a C++ compiler", allow_module_level=True)
+if torch.version.cuda and shutil.which("nvcc") is None:
+    # torch's own CMake config enables the CUDA language for a CUDA build of torch
+    pytest.skip("a CUDA build of torch needs nvcc to be found by CMake", allow_module_level=True)
 
 
 def run(cmd, **kwargs):
