@@ -45,7 +45,7 @@ stage() {  # stage NAME TIMEOUT_S COMMAND: runs COMMAND (a shell command line), 
 
 build() {
   local root
-  root=$("$PYTHON" tools/cuda_toolkit_root.py)
+  root=$("$PYTHON" python/torch_mla/cmake.py --cuda-root --dir build/cuda-root)
   cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTORCH_MLA_CUDA=ON \
     -DTORCH_MLA_CUDA_ARCHS="${TORCH_MLA_CUDA_ARCHS:-90}" \
     -DCMAKE_PREFIX_PATH="$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \

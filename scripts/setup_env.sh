@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up for the README's commands and CI: a venv in .venv with the pinned dev
-# requirements, and torch_mla built into it (editable; the CMake build is incremental).
+# requirements, and torch_mla built into it: an editable install by scikit-build-core, whose CMake
+# build directory (build/editable) persists, so that a rebuild compiles only what changed.
+# TORCH_MLA_CUDA=0/1 and TORCH_MLA_CUDA_ARCHS="80;90" reach the build when set (pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -12,5 +14,8 @@ if [ ! -f "$stamp" ] || ! cmp -s requirements-dev.txt "$stamp"; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-dev.txt
   cp requirements-dev.txt "$stamp"
 fi
-MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/pip" install -q --disable-pip-version-check \
-  --no-build-isolation --no-deps -e .
+[ -z "${TORCH_MLA_CUDA_ARCHS:-}" ] || echo "setup: TORCH_MLA_CUDA_ARCHS=$TORCH_MLA_CUDA_ARCHS"
+[ -z "${TORCH_MLA_CUDA:-}" ] || echo "setup: TORCH_MLA_CUDA=$TORCH_MLA_CUDA"
+export TORCH_MLA_CUDA_ARCHS TORCH_MLA_CUDA
+export CMAKE_BUILD_PARALLEL_LEVEL=${MAX_JOBS:-$(nproc)}
+"$VENV/bin/pip" install -q --disable-pip-version-check --no-build-isolation --no-deps -e .

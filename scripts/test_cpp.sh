@@ -22,8 +22,9 @@ if [ ! -f /usr/include/catch2/catch.hpp ]; then
 fi
 
 TORCH_PREFIX=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
-# A CUDA build of torch makes find_package(Torch) want a whole CUDA toolkit (see setup.py).
-CUDA_ROOT=$("$PY" tools/cuda_toolkit_root.py)
+# A CUDA build of torch makes find_package(Torch) want a whole CUDA toolkit: the installed
+# package's helper makes one from the torch wheel's CUDA libraries where nvcc stands alone.
+CUDA_ROOT=$("$PY" -m torch_mla.cmake --cuda-root --dir "$(pwd)/$BUILD/cuda-root")
 common=(-DCMAKE_BUILD_TYPE=Release)
 [ -z "$CUDA_ROOT" ] || common+=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT" -DCUDAToolkit_ROOT="$CUDA_ROOT")
 command -v ninja >/dev/null && common+=(-G Ninja)

@@ -7,10 +7,23 @@ from pathlib import Path
 
 import torch
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+
+def _package_prefix() -> Path:
+    # The directory of this package that holds lib/libtorch_mla.so (and include/, lib/cmake/): this
+    # file's own in a wheel install; in an editable install (scikit-build-core) the built files
+    # are in site-packages while the Python files stay in the source tree, and __path__ names both.
+    for entry in __path__:
+        if (Path(entry) / "lib" / "libtorch_mla.so").is_file():
+            return Path(entry).resolve()
+    raise ImportError(f"torch_mla: lib/libtorch_mla.so is in none of {list(__path__)}: "
+                      "the package is not built (pip install . builds it)")
+
+
+_PACKAGE_DIR = _package_prefix()
 torch.ops.load_library(str(_PACKAGE_DIR / "lib" / "libtorch_mla.so"))
 
-#: Pass to CMake (``-DCMAKE_PREFIX_PATH``) to build C++ code against the library in this package.
+#: Pass to CMake (``-DCMAKE_PREFIX_PATH``) to build C++ code against the library in this package
+#: (``python -m torch_mla.cmake`` prints everything CMake needs).
 cmake_prefix_path = str(_PACKAGE_DIR)
 
 from .backends import explain, use_backend  # noqa: E402
