@@ -122,3 +122,48 @@ def test_longest_seqlen_is_the_last_s_that_fits(saved, extra):
             for s in (128, 256, 512)]
     longest = bench.longest_seqlen(rows, layers, budget)
     assert stack(longest) <= budget < stack(longest + 1)
+
+
+def test_speed_rows_report_medians_spread_and_ratio_to_sdpa(run):
+    """Every method of one S is timed in the same run (interleaved), so each row carries its
+    spread and its ratio to HF-style SDPA's median of that run."""
+    rows = run[1]["speed"]
+    for seqlen in SEQLENS:
+        at_s = {r["method"]: r for r in rows if r["seqlen"] == seqlen}
+        assert at_s["hf_sdpa"]["fwd_bwd_vs_sdpa"] == 1.0
+        for row in at_s.values():
+            assert row["reps"] == 1
+            assert row["fwd_bwd_min_ms"] <= row["fwd_bwd_ms"] <= row["fwd_bwd_max_ms"]
+            assert row["fwd_bwd_spread"] == pytest.approx(
+                (row["fwd_bwd_max_ms"] - row["fwd_bwd_min_ms"]) / row["fwd_bwd_ms"])
+            assert row["fwd_bwd_vs_sdpa"] == pytest.approx(row["fwd_bwd_ms"] / at_s["hf_sdpa"]["fwd_bwd_ms"])
+            assert row["fwd_bwd_cpu_ms"] > 0
+
+
+def test_op_speed_times_the_op_against_sdpa_on_expanded_kv(run):
+    out, results = run
+    rows = results["op_speed"]
+    assert {(r["method"], r["seqlen"]) for r in rows} == {(m, s) for m in bench.OP_METHODS for s in SEQLENS}
+    assert not any(r.get("error") for r in rows)
+    for row in rows:
+        assert 0 < row["fwd_ms"] < row["fwd_bwd_ms"] and 0 < row["bwd_ms"] < row["fwd_bwd_ms"]
+    assert {(r["method"], r["seqlen"]) for r in read_csv(out / "op_speed.csv")} == \
+        {(m, str(s)) for m in bench.OP_METHODS for s in SEQLENS}
+
+
+@pytest.mark.parametrize("name", list(bench.OP_METHODS))
+def test_op_steps_time_forward_and_backward(name):
+    """One step of each op-level path, in float64: a forward time, a backward time, CPU time."""
+    spec = bench.Spec(device="cpu", dtype="float64", batch=2, hidden=HIDDEN, heads=HEADS, q_lora_rank=None,
+                      head_dims=(DN, DR, DV, DC))
+    step = bench._prepare_op(spec, name, 16)
+    fwd, bwd, cpu_ms = step()
+    assert fwd > 0 and bwd > 0 and cpu_ms >= 0
+
+
+def test_speed_report_prints_the_ratio_and_op_tables(run):
+    _, results = run
+    spec = bench.Spec(**results["spec"])
+    text = bench.speed_report(spec, results["speed"], list(bench.METHODS), results["op_speed"])
+    assert "forward+backward time / HF-style SDPA's" in text
+    assert "attention op alone" in text and "spread" in text

@@ -5,7 +5,8 @@ projections, norms, RoPE, attention, o_proj), forward and backward.
 Suites:
   memory  bytes saved for backward per token, and peak memory of one forward+backward, vs S;
           then the longest S an N-layer attention stack fits into a memory budget
-  speed   forward, backward and forward+backward time vs S, and attention TFLOP/s
+  speed   forward, backward and forward+backward time vs S, and attention TFLOP/s, of the block
+          and of the attention op alone (incl. the K/V expansion) against SDPA on expanded K/V
   all     both
 
 Methods (the same parameters and the same function; they differ in what they keep and redo):
@@ -26,7 +27,13 @@ squares to the measured saved bytes and to the step's extra peak (peak − saved
 needs layers × saved(S) + extra(S) for one sequence (parameters, gradients and optimizer state
 not counted). Attention TFLOP/s: docs/design.md §6 (forward 2·B·H·S²/2·(Dn+Dr+Dv), backward 2.5×)
 over the block's time, which includes its projections (the same for every method), so it is a
-lower bound on the attention's own rate; benchmarks/bench_gpu.py times the op alone on a GPU.
+lower bound on the attention's own rate. Times: every method of one S is timed in the same
+process, one step of each in turn (interleaved), so that machine load hits all of them alike; the
+tables give medians over the timed steps, their spread ((max − min) / median) and the ratio of each
+median to HF-style SDPA's. The op-level table times torch_mla.mla_attention (K/V expansion +
+attention core) against the HF-style path on the same tensors (expansion, K built with k_rope
+broadcast to the heads, scaled_dot_product_attention), forward+backward;
+benchmarks/bench_gpu.py times the op alone on a GPU.
 
 Defaults: on CUDA DeepSeek-V3 sizes in bf16; on the CPU the same head dims with 8 heads in fp32
 on one thread, sized to finish in about a minute and a half on two cores. Writes memory.csv,
@@ -70,7 +77,7 @@ METHODS: Dict[str, Method] = {
 PRESETS = {
     "cpu": dict(hidden=1024, heads=8, q_lora_rank=384, head_dims=(128, 64, 128, 512), dtype="float32",
                 memory_seqlens=(256, 512, 1024, 2048), speed_seqlens=(256, 512, 1024),
-                layers=4, budget_gib=8.0, warmup=1, reps=3, threads=1),
+                layers=4, budget_gib=8.0, warmup=1, reps=5, threads=1),
     "cuda": dict(hidden=7168, heads=128, q_lora_rank=1536, head_dims=(128, 64, 128, 512), dtype="bfloat16",
                  memory_seqlens=(1024, 4096, 16384), speed_seqlens=(1024, 4096, 16384),
                  layers=61, budget_gib=80.0, warmup=2, reps=5, threads=None),
@@ -328,59 +335,163 @@ class _Timer:
         return [1e3 * (b - a) for a, b in zip(self.points, self.points[1:])]
 
 
-def speed_point(spec: Spec, name: str, seqlen: int, warmup: int, reps: int) -> dict:
-    """Median forward, backward and forward+backward ms over reps (after warmup), each rep one
-    training step of the block timed at its start, between forward and backward, and at its end."""
+def _prepare_block(spec: Spec, name: str, seqlen: int) -> Callable[[], tuple]:
+    """One training step of the block (forward, then backward), returning its forward and backward
+    wall ms and the process's CPU ms (all threads) of the step."""
     method = METHODS[name]
     block = make_block(spec, method)
     forward = block_forward(block, method)
     x = hidden_states(spec, seqlen)
     grad_out = torch.randn_like(x)
-    times = {"fwd_ms": [], "bwd_ms": [], "fwd_bwd_ms": []}
-    for i in range(warmup + reps):
+
+    def step() -> tuple:
         _sync(spec.device)
         timer = _Timer(spec.device)
+        cpu0 = time.process_time()
         timer.mark()
         out = forward(x)
         timer.mark()
         out.backward(grad_out)
         timer.mark()
-        fwd, bwd = timer.ms()
+        cpu_ms = 1e3 * (time.process_time() - cpu0)
         del out
-        if i >= warmup:
-            times["fwd_ms"].append(fwd)
-            times["bwd_ms"].append(bwd)
-            times["fwd_bwd_ms"].append(fwd + bwd)
-    result = {k: statistics.median(v) for k, v in times.items()}
+        return (*timer.ms(), cpu_ms)
+    return step
+
+
+OP_METHODS = {"torch_mla": "torch_mla op (expansion + core)", "hf_sdpa": "SDPA on expanded K/V"}
+
+
+def _prepare_op(spec: Spec, name: str, seqlen: int) -> Callable[[], tuple]:
+    """One forward+backward of the attention op alone on the block's attention shapes: torch_mla's
+    mla_attention or HF-style expansion + SDPA (torch_mla.baselines), both from the latents."""
+    from .baselines import ATTENTION_CORES
+
+    attention = ATTENTION_CORES["torch_mla" if name == "torch_mla" else "sdpa"]
+    dn, dr, dv, dc = spec.head_dims
+    gen = torch.Generator(device=spec.device).manual_seed(spec.seed)
+
+    def make(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=gen, device=spec.device) * scale
+        return t.to(spec.torch_dtype).requires_grad_(True)
+
+    b, h = spec.batch, spec.heads
+    q = make(b, seqlen, h, dn + dr)
+    kv_latent = make(b, seqlen, dc)
+    k_rope = make(b, seqlen, dr)
+    wkv_b = make(h * (dn + dv), dc, scale=dc ** -0.5)
+    inputs = (q, kv_latent, k_rope, wkv_b)
+    grad_out = torch.randn(b, seqlen, h, dv, generator=gen, device=spec.device).to(spec.torch_dtype)
+
+    def step() -> tuple:
+        for t in inputs:
+            t.grad = None
+        _sync(spec.device)
+        timer = _Timer(spec.device)
+        cpu0 = time.process_time()
+        timer.mark()
+        out = attention(*inputs, causal=True)
+        timer.mark()
+        out.backward(grad_out)
+        timer.mark()
+        cpu_ms = 1e3 * (time.process_time() - cpu0)
+        del out
+        return (*timer.ms(), cpu_ms)
+    return step
+
+
+def _spread(values: Sequence[float]) -> float:
+    """(max − min) / median of the timed steps."""
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def timed_rows(spec: Spec, names: Sequence[str], seqlen: int, warmup: int, reps: int,
+               prepare: Callable[[Spec, str, int], Callable[[], tuple]]) -> List[dict]:
+    """Times every method at one S in this process, interleaved: warmup untimed steps of each,
+    then reps rounds of one step of each method in turn (the order rotating every round). Medians
+    of the forward, backward and forward+backward times, their spread and the ratio to hf_sdpa's."""
+    steps, errors, samples = {}, {}, {}
+    for name in names:
+        try:
+            steps[name] = prepare(spec, name, seqlen)
+        except Exception as exc:  # e.g. out of memory at long S: a result, not a crash
+            errors[name] = _error(exc)
+        samples[name] = []
+    live = [n for n in names if n in steps]
+    for i in range(warmup + reps):
+        shift = i % len(live) if live else 0
+        for name in live[shift:] + live[:shift]:
+            if name in errors:
+                continue
+            try:
+                fwd, bwd, cpu_ms = steps[name]()
+            except Exception as exc:
+                errors[name] = _error(exc)
+                continue
+            if i >= warmup:
+                samples[name].append((fwd, bwd, cpu_ms))
+    rows = []
     dn, dr, dv, _ = spec.head_dims
     flops = attention_flops(spec.batch, seqlen, spec.heads, dn + dr, dv)
-    result["attn_fwd_tflops"] = flops / (result["fwd_ms"] * 1e-3) / 1e12
-    result["attn_bwd_tflops"] = 2.5 * flops / (result["bwd_ms"] * 1e-3) / 1e12
-    result["attn_fwd_bwd_tflops"] = 3.5 * flops / (result["fwd_bwd_ms"] * 1e-3) / 1e12
-    result["tokens_per_s"] = spec.batch * seqlen / (result["fwd_bwd_ms"] * 1e-3)
-    return result
+    for name in names:
+        if name in errors or not samples[name]:
+            rows.append(dict(method=name, seqlen=seqlen, batch=spec.batch,
+                             error=errors.get(name, "no timed steps")))
+            continue
+        fwd = [f for f, _, _ in samples[name]]
+        bwd = [b for _, b, _ in samples[name]]
+        both = [f + b for f, b, _ in samples[name]]
+        result = dict(method=name, seqlen=seqlen, batch=spec.batch, reps=len(both),
+                      fwd_ms=statistics.median(fwd), bwd_ms=statistics.median(bwd),
+                      fwd_bwd_ms=statistics.median(both), fwd_bwd_min_ms=min(both),
+                      fwd_bwd_max_ms=max(both), fwd_bwd_spread=_spread(both),
+                      fwd_bwd_cpu_ms=statistics.median(c for _, _, c in samples[name]))
+        result["attn_fwd_tflops"] = flops / (result["fwd_ms"] * 1e-3) / 1e12
+        result["attn_bwd_tflops"] = 2.5 * flops / (result["bwd_ms"] * 1e-3) / 1e12
+        result["attn_fwd_bwd_tflops"] = 3.5 * flops / (result["fwd_bwd_ms"] * 1e-3) / 1e12
+        result["tokens_per_s"] = spec.batch * seqlen / (result["fwd_bwd_ms"] * 1e-3)
+        rows.append(result)
+    base = next((r for r in rows if r["method"] == "hf_sdpa" and not r.get("error")), None)
+    for r in rows:
+        if base is not None and not r.get("error"):
+            r["fwd_bwd_vs_sdpa"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+            r["fwd_bwd_cpu_vs_sdpa"] = r["fwd_bwd_cpu_ms"] / base["fwd_bwd_cpu_ms"]
+    return rows
 
 
-SPEED_FIELDS = ["method", "seqlen", "batch", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "attn_fwd_tflops",
+def speed_point(spec: Spec, name: str, seqlen: int, warmup: int, reps: int) -> dict:
+    """Median forward, backward and forward+backward ms of one method over reps (after warmup)."""
+    row = timed_rows(spec, [name], seqlen, warmup, reps, _prepare_block)[0]
+    if row.get("error"):
+        raise RuntimeError(row["error"])
+    return {k: v for k, v in row.items() if k not in ("method", "seqlen", "batch")}
+
+
+SPEED_FIELDS = ["method", "seqlen", "batch", "reps", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_bwd_min_ms",
+                "fwd_bwd_max_ms", "fwd_bwd_spread", "fwd_bwd_vs_sdpa", "fwd_bwd_cpu_ms",
+                "fwd_bwd_cpu_vs_sdpa", "attn_fwd_tflops",
                 "attn_bwd_tflops", "attn_fwd_bwd_tflops", "tokens_per_s", "error"]
 
 
 def run_speed(spec: Spec, names: Sequence[str], seqlens: Sequence[int], warmup: int, reps: int,
-              out: Path, progress: bool = True) -> List[dict]:
+              out: Path, progress: bool = True, csv_name: str = "speed.csv",
+              prepare: Callable[[Spec, str, int], Callable[[], tuple]] = _prepare_block) -> List[dict]:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     rows: List[dict] = []
-    configs = [(s, n) for s in seqlens for n in names]
-    for seqlen, name in _progress(configs, "speed", progress):
-        try:
-            result = speed_point(spec, name, seqlen, warmup, reps)
-        except Exception as exc:  # e.g. out of memory at long S: a result, not a crash
-            result = dict(error=_error(exc))
+    for seqlen in _progress(list(seqlens), csv_name.split(".")[0], progress):
+        rows += timed_rows(spec, names, seqlen, warmup, reps, prepare)
         if spec.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        rows.append(dict(method=name, seqlen=seqlen, batch=spec.batch, **result))
-        write_csv(out / "speed.csv", SPEED_FIELDS, rows)
+        write_csv(out / csv_name, SPEED_FIELDS, rows)
     return rows
+
+
+def run_op_speed(spec: Spec, seqlens: Sequence[int], warmup: int, reps: int, out: Path,
+                 progress: bool = True) -> List[dict]:
+    """The attention op alone: torch_mla's op against expansion + SDPA, interleaved."""
+    return run_speed(spec, list(OP_METHODS), seqlens, warmup, reps, out, progress, "op_speed.csv",
+                     _prepare_op)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,7 +552,8 @@ def _table(rows: Sequence[dict], names: Sequence[str], key: str, fmt: str) -> Li
         cells = []
         for name in names:
             row = next((r for r in rows if r["seqlen"] == seqlen and r["method"] == name), None)
-            cell = "-" if row is None else ("failed" if row.get("error") else format(row[key], fmt))
+            cell = ("-" if row is None or (not row.get("error") and row.get(key) is None) else
+                    "failed" if row.get("error") else format(row[key], fmt))
             cells.append(f"{cell:>{width}}")
         lines.append(f"{seqlen:>7} " + " ".join(cells))
     return lines
@@ -463,14 +575,35 @@ def memory_report(spec: Spec, rows, budget, names, layers, budget_gib) -> str:
     return "\n".join(lines)
 
 
-def speed_report(spec: Spec, rows, names) -> str:
+def speed_report(spec: Spec, rows, names, op_rows=()) -> str:
+    reps = max((r.get("reps", 0) for r in list(rows) + list(op_rows)), default=0)
     lines = [f"speed: {spec.describe()}",
+             f"medians of {reps} timed steps per method, interleaved in one process",
              "forward ms:", *_table(rows, names, "fwd_ms", ",.1f"),
              "backward ms:", *_table(rows, names, "bwd_ms", ",.1f"),
              "forward+backward ms:", *_table(rows, names, "fwd_bwd_ms", ",.1f"),
-             "attention TFLOP/s, forward+backward (FlashAttention's FLOP count over the block's time):",
-             *_table(rows, names, "attn_fwd_bwd_tflops", ".3g")]
-    failed = [r for r in rows if r.get("error")]
+             "forward+backward spread, (max - min) / median:", *_table(rows, names, "fwd_bwd_spread", ".0%")]
+    if any("fwd_bwd_vs_sdpa" in r for r in rows):
+        lines += ["forward+backward time / HF-style SDPA's (same run):",
+                  *_table(rows, names, "fwd_bwd_vs_sdpa", ".2f")]
+        if not spec.device.startswith("cuda"):
+            lines += ["forward+backward process CPU time (all threads) / HF-style SDPA's, medians "
+                      "(less sensitive to other processes than wall time):",
+                      *_table(rows, names, "fwd_bwd_cpu_vs_sdpa", ".2f")]
+    lines += ["attention TFLOP/s, forward+backward (FlashAttention's FLOP count over the block's time):",
+              *_table(rows, names, "attn_fwd_bwd_tflops", ".3g")]
+    if op_rows:
+        ops = list(OP_METHODS)
+        lines += ["attention op alone, forward+backward ms (torch_mla: mla_attention, K/V expansion "
+                  "included; hf_sdpa: the same expansion + SDPA on expanded K/V):",
+                  *_table(op_rows, ops, "fwd_bwd_ms", ",.2f"),
+                  "  spread, (max - min) / median:", *_table(op_rows, ops, "fwd_bwd_spread", ".0%"),
+                  "  time / SDPA's:", *_table(op_rows, ops, "fwd_bwd_vs_sdpa", ".2f"),
+                  *(["  process CPU time / SDPA's:", *_table(op_rows, ops, "fwd_bwd_cpu_vs_sdpa", ".2f")]
+                    if not spec.device.startswith("cuda") else []),
+                  "  attention TFLOP/s, forward+backward (a lower bound: the expansion is included):",
+                  *_table(op_rows, ops, "attn_fwd_bwd_tflops", ".3g")]
+    failed = [r for r in list(rows) + list(op_rows) if r.get("error")]
     lines += [f"  failed: {r['method']} S={r['seqlen']}: {r['error']}" for r in failed]
     return "\n".join(lines)
 
@@ -501,10 +634,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget-gib", type=float,
                         help="memory budget of the longest-S estimate (CUDA 80, CPU 8)")
     parser.add_argument("--warmup", type=int, help="untimed steps before timing (CUDA 2, CPU 1)")
-    parser.add_argument("--reps", type=int, help="timed steps, the median is reported (CUDA 5, CPU 3)")
+    parser.add_argument("--reps", type=int, help="timed steps, the median is reported (default 5)")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (CPU default 1: multi-threaded timings swing wildly "
                              "on a busy machine, where OpenMP threads spin-wait for each other)")
+    parser.add_argument("--no-op", action="store_true",
+                        help="speed: skip the table of the attention op alone")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -546,8 +681,11 @@ def main(argv=None) -> dict:
         plot(out / "speed.png", f"MLA block speed: {spec.describe()}", rows,
              [("fwd_bwd_ms", "forward+backward ms", True),
               ("attn_fwd_bwd_tflops", "attention TFLOP/s (fwd+bwd)", False)])
+        op_rows = [] if args.no_op else run_op_speed(spec, seqlens, pick("warmup"), pick("reps"), out,
+                                                     progress)
         results["speed"] = rows
-        reports.append(speed_report(spec, rows, args.methods))
+        results["op_speed"] = op_rows
+        reports.append(speed_report(spec, rows, args.methods, op_rows))
 
     print("\n\n".join(reports))
     print(f"\nCSV and PNG files in {out}/")
@@ -558,6 +696,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     results = main()
     # A failed torch_mla configuration fails the command (the baselines may run out of memory).
-    ours = [r for suite in ("memory", "speed") for r in results.get(suite, ())
+    ours = [r for suite in ("memory", "speed", "op_speed") for r in results.get(suite, ())
             if r["method"].startswith("torch_mla")]
     sys.exit(1 if any(r.get("error") for r in ours) else 0)

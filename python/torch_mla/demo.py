@@ -32,10 +32,15 @@ def _measure_saved(model, tokens):
     return attn.nbytes_excluding(*params) / n, whole.nbytes_excluding(*params) / n
 
 
-def _train(args, attention_core, results):
-    """One training run, in its own process so its peak memory is its own."""
-    from tqdm import tqdm
+# Steps a run takes per turn. The two runs alternate in turns of this many steps, so that both
+# meet the same load of a shared machine (a busy 2-core machine swings 2x between minutes).
+CHUNK_STEPS = 5
 
+
+def _train(args, attention_core, conn):
+    """One training run, in its own process so its peak memory is its own. It runs its first
+    (untimed, warm-up) step, then its steps in chunks of CHUNK_STEPS, each when the parent sends
+    "go" on conn, answering ("paused", steps done) after each chunk and its results at the end."""
     from torch_mla.models import MLAConfig, MLATransformerLM, next_token_loss, periodic_sequences
 
     torch.manual_seed(args.seed)
@@ -53,26 +58,73 @@ def _train(args, attention_core, results):
         base = torch.cuda.memory_allocated(device)
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    losses, start = [], None
-    for step, tokens in enumerate(tqdm(batches, desc=f"{attention_core:>9}", unit="step", ncols=80)):
-        if step == 1:  # time from the second step: the first one warms up allocators and caches
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
+    losses, elapsed = [], 0.0
+    for step, tokens in enumerate(batches):
+        if step % CHUNK_STEPS == 1 or (CHUNK_STEPS == 1 and step > 0):
+            conn.send(("paused", step))
+            conn.recv()  # "go": this run's turn
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
         tokens = tokens.to(device, non_blocking=True)
         loss = next_token_loss(model(tokens), tokens)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    elapsed = time.perf_counter() - start
+        if step >= 1:  # timed from the second step: the first one warms up allocators and caches
+            elapsed += time.perf_counter() - begin
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    results.put(dict(core=attention_core, saved_attn=saved_attn, saved_layer=saved_layer,
+    conn.send(dict(core=attention_core, saved_attn=saved_attn, saved_layer=saved_layer,
                      peak_mib=peak / MIB, tokens_per_s=(args.steps - 1) * tokens.numel() / elapsed,
                      first_loss=losses[0], final_loss=sum(losses[-10:]) / len(losses[-10:])))
+
+
+def _alternate(args, cores):
+    """Runs _train for each core in its own process, the runs taking turns of CHUNK_STEPS steps
+    (one runs while the other waits), and returns their results by core."""
+    from tqdm import tqdm
+
+    ctx = mp.get_context("spawn")
+    children = {}
+
+    def receive(core):
+        proc, conn = children[core]
+        try:
+            return conn.recv()
+        except EOFError:
+            proc.join()
+            raise SystemExit(f"the {core} run failed (exit code {proc.exitcode})") from None
+
+    runs, done = {}, {core: 1 for core in cores}
+    for core in cores:  # start-up and the untimed first step, one run at a time
+        conn, child_conn = ctx.Pipe()
+        proc = ctx.Process(target=_train, args=(args, core, child_conn))
+        proc.start()
+        child_conn.close()
+        children[core] = (proc, conn)
+        message = receive(core)
+        if isinstance(message, dict):  # a one-step run has no timed steps to alternate
+            runs[core] = message
+            proc.join()
+    with tqdm(total=len(cores) * args.steps, initial=len(cores), unit="step", ncols=80,
+              desc=" + ".join(cores)) as bar:
+        while len(runs) < len(cores):
+            for core in cores:
+                if core in runs:
+                    continue
+                children[core][1].send("go")
+                message = receive(core)
+                steps = message[1] if isinstance(message, tuple) else args.steps
+                bar.update(steps - done[core])
+                done[core] = steps
+                if isinstance(message, dict):
+                    runs[core] = message
+                    children[core][0].join()
+    return runs
 
 
 def _row(name, ours, theirs, fmt):
@@ -105,16 +157,7 @@ def main(argv=None):
     # The runs happen in child processes. OpenMP's default busy-waiting turns a core shared with
     # other processes into long stalls for both runs alike; passive waiting keeps them steady.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    ctx = mp.get_context("spawn")
-    runs = {}
-    for core in ("torch_mla", args.baseline):
-        results = ctx.Queue()
-        proc = ctx.Process(target=_train, args=(args, core, results))
-        proc.start()
-        runs[core] = results.get()
-        proc.join()
-        if proc.exitcode:
-            raise SystemExit(f"the {core} run failed (exit code {proc.exitcode})")
+    runs = _alternate(args, ("torch_mla", args.baseline))
 
     ours, theirs = runs["torch_mla"], runs[args.baseline]
     memory = "peak GPU memory in training (MiB)" if args.device.startswith("cuda") else \
