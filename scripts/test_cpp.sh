@@ -6,6 +6,8 @@
 #      training that must bring the loss down (train_mla exits non-zero otherwise);
 #   4. builds tests/cpp/consumer against the Python package's copy of the package
 #      (torch_mla.cmake_prefix_path): a consumer that uses the ops by name only must still load them.
+#   5. builds the SIMT emulator standalone (csrc/simt, no torch) with its Catch2 tests, which also
+#      run our CUDA kernels on it, and runs them with ctest (build/cpp/simt).
 # Expects the venv of scripts/setup_env.sh (torch, and torch_mla installed into it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,4 +51,8 @@ cmake -S tests/cpp/consumer -B "$BUILD/consumer" "${common[@]}" \
   -DCMAKE_PREFIX_PATH="$PACKAGE_PREFIX;$TORCH_PREFIX" >/dev/null
 cmake --build "$BUILD/consumer" -j "$JOBS"
 "$BUILD/consumer/dispatcher_only"
+echo "== C++: the SIMT emulator and our CUDA kernels on it (csrc/simt, Catch2)"
+cmake -S csrc/simt -B "$BUILD/simt" "${common[@]}" >/dev/null
+cmake --build "$BUILD/simt" -j "$JOBS"
+(cd "$BUILD/simt" && ctest --output-on-failure -j "$JOBS")
 echo "== C++: all passed"

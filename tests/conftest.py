@@ -8,7 +8,7 @@ from mla_testing import TENSOR_ARGS, make_inputs
 
 # Every (device, attention core) pair a test body runs on (docs/design.md §10.2); CUDA pairs skip
 # without a GPU, and a pair skips a case its core cannot serve (with the selection rule's reason).
-BACKENDS = [("cpu", "cpu"), ("cpu", "composed"),
+BACKENDS = [("cpu", "cpu"), ("cpu", "composed"), ("cpu", "simt"),
             ("cuda", "cudnn"), ("cuda", "kernels"), ("cuda", "efficient"), ("cuda", "composed")]
 
 

@@ -1,140 +1,36 @@
 // The `kernels` core (docs/design.md §10.2): our mma.sync FlashAttention-2-style CUDA kernels
-// (mla_forward.cuh, mla_backward.cuh), this file being their host side. Forward: the fused
-// attention kernel reads q, k_nope / v from the latent layer's KV buffer and k_rope from its own
-// tensor. Backward: delta = rowsum(dO ⊙ O) and lse·log2(e) (preprocess kernel), then the fused
-// backward kernel(s) writing dKV in KV's layout and dk_rope summed over heads.
+// (mla_forward.cuh, mla_backward.cuh) on the current CUDA stream. Their host side is
+// mla_kernels_host.h, shared with the emulated `simt` core (simt/mla_attention_simt.cpp).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/Exception.h>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <cstdint>
 
 #include "torch_mla/cores/core.h"
-#include "torch_mla/cuda/mla_params.h"
+#include "torch_mla/cuda/mla_kernels_host.h"
 
 namespace torch_mla {
 namespace {
 
-using cuda::MlaParams;
-
-constexpr double kLog2e = 1.4426950408889634;
-
-// The kernels copy rows in 16-byte chunks: the pointer and every stride but the last (of a
-// dimension longer than 1) must be multiples of 16 bytes. Returns `t` when they are, else a copy.
-at::Tensor with_aligned_rows(const at::Tensor& t) {
-  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int64_t i = 0; i + 1 < t.dim(); ++i) {
-    aligned = aligned && (t.size(i) <= 1 || (t.stride(i) * t.element_size()) % 16 == 0);
+// Launches on the current stream; the kernels' memory is not registered anywhere.
+struct CudaTarget {
+  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(); }
+  void memory(const at::Tensor&, const char*) {}
+  template <typename F>
+  void run(F&& f) {
+    f();
   }
-  if (aligned) return t;
-  return t.is_contiguous() ? t.clone() : t.contiguous();
-}
-
-// Grid sizes are products of blocks per sequence, sequences and heads; they must fit a 1-D grid.
-void check_grid(const CoreProblem& p) {
-  const int64_t blocks = (p.seqs.longest + 63) / 64 * p.seqs.count * p.heads;
-  TORCH_CHECK(blocks < (int64_t{1} << 31) && p.seqs.longest < (int64_t{1} << 30),
-              "torch_mla.mla_attention: problem too large for one CUDA launch (", blocks, " blocks)");
-}
-
-// Parameters shared by the forward and the backward: sizes, sequences, q, KV and k_rope.
-MlaParams make_params(const CoreProblem& p, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& k_rope) {
-  check_grid(p);
-  MlaParams params;
-  params.tokens = p.seqs.tokens;
-  params.batch = static_cast<int>(p.seqs.count);
-  params.seqlen = static_cast<int>(p.seqs.padded_len);
-  params.max_seqlen = static_cast<int>(p.seqs.longest);
-  params.heads = static_cast<int>(p.heads);
-  params.dim_nope = static_cast<int>(p.dim_nope);
-  params.dim_rope = static_cast<int>(p.dim_rope);
-  params.cu_seqlens = p.seqs.packed ? p.seqs.cu_seqlens.data_ptr<int32_t>() : nullptr;
-  params.softmax_scale = static_cast<float>(p.softmax_scale);
-  params.scale_log2 = static_cast<float>(p.softmax_scale * kLog2e);
-  params.causal = p.causal;
-  params.q = q.data_ptr();
-  params.q_row_stride = q.stride(0);
-  params.q_head_stride = q.stride(1);
-  params.kv = kv.data_ptr();
-  params.kv_row_stride = kv.stride(0);
-  params.kv_head_stride = kv.stride(1);
-  params.k_rope = k_rope.data_ptr();
-  params.k_rope_row_stride = k_rope.stride(0);
-  return params;
-}
-
-// Calls f<T, Dn+Dr, Dv>() for the instantiated (dtype, head shape); select.cpp admits no other.
-template <typename F>
-void dispatch_tuned(at::ScalarType dtype, int64_t dim_qk, F&& f) {
-  const auto by_shape = [&](auto type_tag) {
-    using T = decltype(type_tag);
-    if (dim_qk == 192) {
-      f.template operator()<T, 192, 128>();
-    } else {
-      f.template operator()<T, 96, 64>();
-    }
-  };
-  if (dtype == at::kBFloat16) {
-    by_shape(__nv_bfloat16{});
-  } else {
-    by_shape(__half{});
-  }
-}
+};
 
 CoreOutputs kernels_forward(const CoreProblem& p, const at::Tensor& q, const at::Tensor& kv,
                             const at::Tensor& k_rope) {
-  at::Tensor out = at::empty({p.seqs.tokens, p.heads, p.dim_v}, q.options());
-  at::Tensor lse = at::empty({p.seqs.tokens, p.heads}, q.options().dtype(at::kFloat));
-  const at::Tensor q3 = with_aligned_rows(q), kr = with_aligned_rows(k_rope);
-  MlaParams params = make_params(p, q3, kv, kr);
-  params.out = out.data_ptr();
-  params.out_row_stride = out.stride(0);
-  params.out_head_stride = out.stride(1);
-  params.lse = lse.data_ptr<float>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_tuned(q.scalar_type(), p.dim_nope + p.dim_rope, [&]<typename T, int kDimQK, int kDimV>() {
-    cuda::run_mla_forward<T, kDimQK, kDimV>(params, stream);
-  });
-  return {out, lse};
+  CudaTarget target;
+  return kernels_host::forward(target, p, q, kv, k_rope);
 }
 
 CoreGrads kernels_backward(const CoreProblem& p, const at::Tensor& grad_out, const at::Tensor& q,
                            const at::Tensor& kv, const at::Tensor& k_rope, const at::Tensor& out,
                            const at::Tensor& lse) {
-  const int64_t T = p.seqs.tokens, H = p.heads, Dqk = p.dim_nope + p.dim_rope;
-  const auto f32 = q.options().dtype(at::kFloat);
-  const at::Tensor q3 = with_aligned_rows(q), kr = with_aligned_rows(k_rope);
-  const at::Tensor out3 = with_aligned_rows(out), do3 = with_aligned_rows(grad_out);
-  const at::Tensor lse2 = lse.contiguous();
-  const at::Tensor row_stats = at::empty({2, H, T}, f32);  // lse·log2(e) and delta, per head
-  at::Tensor dq_accum = p.deterministic ? at::Tensor() : at::zeros({T, H, Dqk}, f32);
-  at::Tensor grad_q = p.deterministic ? at::empty({T, H, Dqk}, q.options()) : at::Tensor();
-  const at::Tensor dk_rope_accum = at::zeros({T, p.dim_rope}, f32);
-  const at::Tensor dkv = at::empty({T, H, p.dim_nope + p.dim_v}, q.options());
-
-  MlaParams params = make_params(p, q3, kv, kr);
-  params.out = out3.data_ptr();
-  params.out_row_stride = out3.stride(0);
-  params.out_head_stride = out3.stride(1);
-  params.lse = lse2.data_ptr<float>();
-  params.grad_out = do3.data_ptr();
-  params.do_row_stride = do3.stride(0);
-  params.do_head_stride = do3.stride(1);
-  params.lse_log2 = row_stats[0].data_ptr<float>();
-  params.delta = row_stats[1].data_ptr<float>();
-  params.dq_accum = p.deterministic ? nullptr : dq_accum.data_ptr<float>();
-  params.dq = p.deterministic ? grad_q.data_ptr() : nullptr;
-  params.dkv = dkv.data_ptr();
-  params.dk_rope_accum = dk_rope_accum.data_ptr<float>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_tuned(q.scalar_type(), Dqk, [&]<typename T, int kDimQK, int kDimV>() {
-    cuda::run_mla_backward_preprocess<T>(params, kDimV, stream);
-    cuda::run_mla_backward<T, kDimQK, kDimV>(params, p.deterministic, stream);
-  });
-  return {p.deterministic ? grad_q : dq_accum, dkv, dk_rope_accum};
+  CudaTarget target;
+  return kernels_host::backward(target, p, grad_out, q, kv, k_rope, out, lse);
 }
 
 const AttentionCore kKernels{"kernels", kernels_forward, kernels_backward};

@@ -435,4 +435,11 @@ void run_mla_backward(const MlaParams& params, bool deterministic, cudaStream_t 
 }
 
 
+// The tiles' shared memory is the formula the selection rule reads (mla_kernel_smem.h, included by
+// mla_params.h). Here, after the kernels, so that their code and PTX do not move.
+static_assert(BackwardTraits<192, 128>::kSmemBytes == backward_smem_bytes(192, 128), "mla_kernel_smem.h disagrees");
+static_assert(BackwardTraits<96, 64>::kSmemBytes == backward_smem_bytes(96, 64), "mla_kernel_smem.h disagrees");
+static_assert(DqTraits<192, 128>::kSmemBytes == backward_dq_smem_bytes(192, 128), "mla_kernel_smem.h disagrees");
+static_assert(DqTraits<96, 64>::kSmemBytes == backward_dq_smem_bytes(96, 64), "mla_kernel_smem.h disagrees");
+
 }  // namespace torch_mla::cuda

@@ -229,4 +229,9 @@ void run_mla_forward(const MlaParams& params, cudaStream_t stream) {
   launch_kernel<mla_forward_kernel<T, Traits>>(blocks, Traits::kThreads, Traits::kSmemBytes, stream, params);
 }
 
+// The tiles' shared memory is the formula the selection rule reads (mla_kernel_smem.h, included by
+// mla_params.h). Here, after the kernels, so that their code and PTX do not move.
+static_assert(ForwardTraits<192, 128>::kSmemBytes == forward_smem_bytes(192, 128), "mla_kernel_smem.h disagrees");
+static_assert(ForwardTraits<96, 64>::kSmemBytes == forward_smem_bytes(96, 64), "mla_kernel_smem.h disagrees");
+
 }  // namespace torch_mla::cuda

@@ -3,6 +3,7 @@
 // The kernels know nothing of tensors, autograd or dispatch; mla_attention_cuda.cu fills this in.
 // Under TORCH_MLA_SIMT (mla_target.cuh) cudaStream_t is the emulator's simt::Stream*, so the same
 // host code fills it in for a launch on the CPU.
+#include "torch_mla/cuda/mla_kernel_smem.h"
 #include "torch_mla/cuda/mla_target.cuh"
 
 #include <cstdint>

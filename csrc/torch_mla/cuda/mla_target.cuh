@@ -35,7 +35,11 @@
 #define __syncthreads() ::simt::syncthreads()
 #define __syncwarp(...) ::simt::syncwarp(__VA_ARGS__)
 #define TORCH_MLA_DYNAMIC_SMEM(name) unsigned char* const name = ::simt::dynamic_smem()
-// c10/macros/Macros.h and c10/cuda/CUDAException.h
+// c10/macros/Macros.h and c10/cuda/CUDAException.h (a host translation unit that includes ATen
+// first, as simt/mla_attention_simt.cpp, has c10's host versions: ours replace them)
+#undef CUDA_KERNEL_ASSERT
+#undef C10_CUDA_CHECK
+#undef C10_CUDA_KERNEL_LAUNCH_CHECK
 #define CUDA_KERNEL_ASSERT(cond) ::simt::kernel_assert(static_cast<bool>(cond), #cond)
 #define C10_CUDA_CHECK(expr) ((void)(expr))
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)

@@ -1,0 +1,182 @@
+"""The `simt` core: our CUDA kernels (csrc/torch_mla/cuda) run on CPU tensors by the SIMT emulator
+(csrc/simt), so that CI without a GPU tests their indexing, masking and synchronisation.
+
+Beyond the shared bodies of test_op.py & co. (which run on ("cpu", "simt") through conftest's
+BACKENDS): both tuned head shapes ((192, 128) with H ∈ {1, 2, 3}; (96, 64)), bf16 and fp16, padded
+and packed batches (lengths 0 and 1 included), causal and not, sequence lengths 1, 63, 64, 65, 127,
+128, 129, the atomic and the deterministic backward (the deterministic one bitwise equal across
+two runs and two lane orders), non-contiguous inputs, NaN-poisoned memory past each tensor's
+logical end. Forward and all four grads against the float64 reference by FlashAttention's rule
+(docs/design.md §8). The emulator also fails a launch that touches memory outside the tensors'
+logical extents, races on shared memory or misuses a collective.
+"""
+import math
+
+import pytest
+import torch
+
+import torch_mla
+from torch_mla.reference import mla_attention_reference
+from mla_testing import (TENSOR_ARGS, HeadDims, check_results, make_inputs, max_abs_err,
+                         run_with_grads)
+
+# Small latents: the core never sees them, and the float64 reference is cheaper.
+DSV3 = {h: HeadDims(heads=h, nope=128, rope=64, v=128, latent=64) for h in (1, 2, 3)}
+MINICPM3 = HeadDims(heads=2, nope=64, rope=32, v=64, latent=64)
+SHAPES = [DSV3[1], DSV3[2], DSV3[3], MINICPM3]
+SHAPE_IDS = ["192x128-h1", "192x128-h2", "192x128-h3", "96x64-h2"]
+LOWP = [torch.bfloat16, torch.float16]
+LOWP_IDS = ["bf16", "fp16"]
+SEQLENS = [1, 63, 64, 65, 127, 128, 129]
+# Every length above in one packed call, with empty and one-token sequences between them.
+PACKED = [1, 63, 0, 64, 65, 127, 0, 128, 129, 1]
+
+
+@pytest.fixture(autouse=True)
+def simt(monkeypatch):
+    """Every test forces the simt core, in the emulator's default (forward) lane order."""
+    monkeypatch.delenv("TORCH_MLA_SIMT_ORDER", raising=False)
+    with torch_mla.use_backend("simt"):
+        yield
+
+
+@pytest.fixture(params=[False, True], ids=["atomic", "deterministic"])
+def deterministic(request):
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(request.param)
+    yield request.param
+    torch.use_deterministic_algorithms(previous)
+
+
+def simt_inputs(dims, dtype, **kwargs):
+    inputs, cu = make_inputs(dims, dtype=dtype, **kwargs)
+    choice = torch_mla.explain(*(inputs[k] for k in TENSOR_ARGS), cu_seqlens=cu, backend="simt")
+    assert choice.core == "simt", choice.reasons["simt"]
+    return inputs, cu
+
+
+def run_and_check(inputs, **kwargs):
+    results = run_with_grads(torch_mla.mla_attention, inputs, **kwargs)
+    check_results(results, inputs, **kwargs)
+    return results
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", LOWP, ids=LOWP_IDS)
+@pytest.mark.parametrize("dims", SHAPES, ids=SHAPE_IDS)
+def test_packed_matches_reference(deterministic, dims, dtype, causal):
+    inputs, cu = simt_inputs(dims, dtype, seqlens=PACKED)
+    run_and_check(inputs, causal=causal, cu_seqlens=cu)
+
+
+# Each length padded, in both shapes; dtype and masking alternate over the lengths.
+PADDED_CASES = [(dims, seqlen, LOWP[i % 2], i % 3 != 2)
+                for dims in (DSV3[2], MINICPM3) for i, seqlen in enumerate(SEQLENS)]
+
+
+@pytest.mark.parametrize("dims,seqlen,dtype,causal", PADDED_CASES,
+                         ids=[f"{'192x128' if d.nope == 128 else '96x64'}-s{s}-{LOWP_IDS[LOWP.index(t)]}-"
+                              f"{'causal' if c else 'full'}" for d, s, t, c in PADDED_CASES])
+def test_padded_matches_reference(deterministic, dims, seqlen, dtype, causal):
+    inputs, _ = simt_inputs(dims, dtype, batch=2, seqlen=seqlen)
+    run_and_check(inputs, causal=causal)
+
+
+def run_in_order(monkeypatch, order, inputs, cu):
+    monkeypatch.setenv("TORCH_MLA_SIMT_ORDER", order)
+    return run_with_grads(torch_mla.mla_attention, inputs, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=LOWP_IDS)
+@pytest.mark.parametrize("dims", [DSV3[3], MINICPM3], ids=["192x128-h3", "96x64-h2"])
+def test_deterministic_backward_is_bitwise_equal_across_runs_and_lane_orders(monkeypatch, dims, dtype):
+    inputs, cu = simt_inputs(dims, dtype, seqlens=[65, 1, 0, 129])
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = run_in_order(monkeypatch, "forward", inputs, cu)
+        check_results(first, inputs, cu_seqlens=cu)
+        for order in ("forward", "reverse", "random:7"):
+            out, grads = run_in_order(monkeypatch, order, inputs, cu)
+            assert torch.equal(out, first[0]), order
+            for k in TENSOR_ARGS:
+                assert torch.equal(grads[k], first[1][k]), (order, k)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def test_atomic_backward_matches_reference_in_every_lane_order(monkeypatch):
+    inputs, cu = simt_inputs(DSV3[2], torch.bfloat16, seqlens=[65, 1, 0, 129])
+    for order in ("reverse", "random:3"):
+        check_results(run_in_order(monkeypatch, order, inputs, cu), inputs, cu_seqlens=cu)
+
+
+def test_bad_lane_order_is_an_error(monkeypatch):
+    inputs, cu = simt_inputs(MINICPM3, torch.bfloat16, seqlens=[3], requires_grad=False)
+    monkeypatch.setenv("TORCH_MLA_SIMT_ORDER", "sideways")
+    with pytest.raises(RuntimeError, match="TORCH_MLA_SIMT_ORDER"):
+        torch_mla.mla_attention(**inputs, cu_seqlens=cu)
+
+
+def nan_padded(t, extra_rows, extra_cols):
+    """A copy of t inside a larger NaN-filled buffer: (buffer, view); the rows and last-dim
+    columns of the buffer past t's end are NaN."""
+    buf = torch.full((t.shape[0] + extra_rows, *t.shape[1:-1], t.shape[-1] + extra_cols), math.nan,
+                     dtype=t.dtype)
+    buf[: t.shape[0], ..., : t.shape[-1]] = t
+    return buf, buf[: t.shape[0], ..., : t.shape[-1]]
+
+
+def out_and_grads(fn, tensors, grad_out, **kwargs):
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items()}
+    out = fn(**leaves, **kwargs)
+    grads = torch.autograd.grad(out, [leaves[k] for k in TENSOR_ARGS], grad_out.to(out.dtype))
+    return out.detach(), dict(zip(TENSOR_ARGS, grads))
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=LOWP_IDS)
+@pytest.mark.parametrize("dims", [DSV3[2], MINICPM3], ids=["192x128-h2", "96x64-h2"])
+def test_non_contiguous_inputs_with_nan_past_their_ends(deterministic, dims, dtype):
+    """q and grad_out are views whose neighbouring rows and columns are NaN, kv_latent and k_rope
+    the two halves of one NaN-padded kv_a_proj_with_mqa output, wkv_b a view with NaN columns: none is
+    contiguous, and a read past any tensor's logical end would bring NaN in (the emulator also
+    refuses any access outside the extents the core registers)."""
+    seqlens = [65, 1, 0, 130]
+    T = sum(seqlens)
+    inputs, cu = simt_inputs(dims, dtype, seqlens=seqlens, requires_grad=False)
+    gen = torch.Generator().manual_seed(5)
+    grad_out = torch.randn(T, dims.heads, dims.v, generator=gen).to(dtype)
+
+    q_buf, _ = nan_padded(inputs["q"], 64, 8)
+    kv_a_buf, _ = nan_padded(torch.cat([inputs["kv_latent"], inputs["k_rope"]], dim=-1), 64, 8)
+    _, grad_out_view = nan_padded(grad_out, 64, 8)
+    _, wkv_b_t = nan_padded(inputs["wkv_b"], 0, 8)
+    q_buf.requires_grad_(True)
+    kv_a_buf.requires_grad_(True)
+    wkv_b_t.requires_grad_(True)
+    views = dict(q=q_buf[:T, :, : dims.nope + dims.rope], kv_latent=kv_a_buf[:T, : dims.latent],
+                 k_rope=kv_a_buf[:T, dims.latent: dims.latent + dims.rope], wkv_b=wkv_b_t)
+    for name, v in views.items():
+        assert not v.is_contiguous(), name
+
+    out = torch_mla.mla_attention(**views, cu_seqlens=cu)
+    grads = dict(zip(TENSOR_ARGS, torch.autograd.grad(out, [views[k] for k in TENSOR_ARGS], grad_out_view)))
+    ours = {"out": out.detach(), **grads}
+    for name, x in ours.items():
+        assert torch.isfinite(x).all(), f"{name}: non-finite values"
+
+    ref_out, ref_grads = out_and_grads(mla_attention_reference, {k: v.double() for k, v in inputs.items()},
+                                       grad_out, cu_seqlens=cu)
+    naive_out, naive_grads = out_and_grads(mla_attention_reference, inputs, grad_out, cu_seqlens=cu)
+    refs, naive = {"out": ref_out, **ref_grads}, {"out": naive_out, **naive_grads}
+    for name in ours:
+        factor = 2 if name == "out" else 3
+        err, naive_err = max_abs_err(ours[name], refs[name]), max_abs_err(naive[name], refs[name])
+        assert err <= factor * naive_err, f"{name}: max error {err:.3g} > {factor} × naive {naive_err:.3g}"
+
+
+def test_auto_never_takes_simt():
+    inputs, cu = make_inputs(MINICPM3, dtype=torch.bfloat16, seqlens=[3, 5], requires_grad=False)
+    with torch_mla.use_backend("auto"):
+        choice = torch_mla.explain(*(inputs[k] for k in TENSOR_ARGS), cu_seqlens=cu)
+    assert choice.core != "simt" and choice.reasons["simt"] is None
