@@ -74,6 +74,7 @@ def on(backend, inputs, kwargs):
 def test_bad_packed_input(backend, case):
     """The value checks of cu_seqlens and max_seqlen: the same ValueError whichever core runs."""
     inputs, kwargs = on(backend, packed()[0], PACKED_CASES[case][0])
+    backend.skip_unless_served(inputs, packed()[1].to(backend.device))  # shapes and dtype only
     with pytest.raises(ValueError, match=PACKED_CASES[case][1]):
         call(inputs, **kwargs)
 
@@ -82,6 +83,7 @@ def test_bad_packed_input(backend, case):
                                                 (-3, r"max_seqlen must be 0 \(not given\)")])
 def test_bad_max_seqlen_padded(backend, max_seqlen, message):
     inputs, _ = on(backend, padded(), {})
+    backend.skip_unless_served(inputs)
     with pytest.raises(ValueError, match=message):
         call(inputs, max_seqlen=max_seqlen)
 
