@@ -129,3 +129,35 @@ def check_results(results, inputs, *, rel_tol=None, **kwargs):
             assert err <= factor * naive_err, (
                 f"{name}: max error {err:.3g} > {factor} × naive {dtype} error {naive_err:.3g}")
     return results
+
+
+def nan_padded(t, extra_rows, extra_cols):
+    """A copy of t inside a larger NaN-filled buffer: (buffer, view); the rows and last-dim
+    columns of the buffer past t's end are NaN."""
+    buf = torch.full((t.shape[0] + extra_rows, *t.shape[1:-1], t.shape[-1] + extra_cols), float("nan"),
+                     dtype=t.dtype, device=t.device)
+    buf[: t.shape[0], ..., : t.shape[-1]] = t
+    return buf, buf[: t.shape[0], ..., : t.shape[-1]]
+
+
+def out_and_grads(fn, tensors, grad_out, **kwargs):
+    """out and the four grads of fn on fresh leaves made from `tensors`, for a given grad_out."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items()}
+    out = fn(**leaves, **kwargs)
+    grads = torch.autograd.grad(out, [leaves[k] for k in TENSOR_ARGS], grad_out.to(out.dtype))
+    return out.detach(), dict(zip(TENSOR_ARGS, grads))
+
+
+def check_lowp_against_reference(ours, inputs, grad_out, **kwargs):
+    """ours = {"out", *TENSOR_ARGS} computed from views of `inputs` (bf16/fp16) with grad_out:
+    finite, and within FlashAttention's rule (2× / 3× the naive low-precision error)."""
+    for name, x in ours.items():
+        assert torch.isfinite(x).all(), f"{name}: non-finite values"
+    ref_out, ref_grads = out_and_grads(mla_attention_reference, {k: v.double() for k, v in inputs.items()},
+                                       grad_out, **kwargs)
+    naive_out, naive_grads = out_and_grads(mla_attention_reference, inputs, grad_out, **kwargs)
+    refs, naive = {"out": ref_out, **ref_grads}, {"out": naive_out, **naive_grads}
+    for name in ours:
+        factor = 2 if name == "out" else 3
+        err, naive_err = max_abs_err(ours[name], refs[name]), max_abs_err(naive[name], refs[name])
+        assert err <= factor * naive_err, f"{name}: max error {err:.3g} > {factor} × naive {naive_err:.3g}"
