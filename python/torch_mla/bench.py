@@ -335,6 +335,21 @@ class _Timer:
         return [1e3 * (b - a) for a, b in zip(self.points, self.points[1:])]
 
 
+def _timed_step(device, forward: Callable[[], torch.Tensor], grad_out: torch.Tensor) -> tuple:
+    """forward() then backward(grad_out): (forward wall ms, backward wall ms, process CPU ms)."""
+    _sync(device)
+    timer = _Timer(device)
+    cpu0 = time.process_time()
+    timer.mark()
+    out = forward()
+    timer.mark()
+    out.backward(grad_out)
+    timer.mark()
+    cpu_ms = 1e3 * (time.process_time() - cpu0)
+    del out
+    return (*timer.ms(), cpu_ms)
+
+
 def _prepare_block(spec: Spec, name: str, seqlen: int) -> Callable[[], tuple]:
     """One training step of the block (forward, then backward), returning its forward and backward
     wall ms and the process's CPU ms (all threads) of the step."""
@@ -343,20 +358,7 @@ def _prepare_block(spec: Spec, name: str, seqlen: int) -> Callable[[], tuple]:
     forward = block_forward(block, method)
     x = hidden_states(spec, seqlen)
     grad_out = torch.randn_like(x)
-
-    def step() -> tuple:
-        _sync(spec.device)
-        timer = _Timer(spec.device)
-        cpu0 = time.process_time()
-        timer.mark()
-        out = forward(x)
-        timer.mark()
-        out.backward(grad_out)
-        timer.mark()
-        cpu_ms = 1e3 * (time.process_time() - cpu0)
-        del out
-        return (*timer.ms(), cpu_ms)
-    return step
+    return lambda: _timed_step(spec.device, lambda: forward(x), grad_out)
 
 
 OP_METHODS = {"torch_mla": "torch_mla op (expansion + core)", "hf_sdpa": "SDPA on expanded K/V"}
@@ -386,17 +388,7 @@ def _prepare_op(spec: Spec, name: str, seqlen: int) -> Callable[[], tuple]:
     def step() -> tuple:
         for t in inputs:
             t.grad = None
-        _sync(spec.device)
-        timer = _Timer(spec.device)
-        cpu0 = time.process_time()
-        timer.mark()
-        out = attention(*inputs, causal=True)
-        timer.mark()
-        out.backward(grad_out)
-        timer.mark()
-        cpu_ms = 1e3 * (time.process_time() - cpu0)
-        del out
-        return (*timer.ms(), cpu_ms)
+        return _timed_step(spec.device, lambda: attention(*inputs, causal=True), grad_out)
     return step
 
 

@@ -129,6 +129,14 @@ std::vector<int> compiled_kernel_archs() {
 
 namespace {
 
+// "auto" or a core's name, else a ValueError listing the names.
+void check_backend_name(const std::string& backend) {
+  const auto& names = core_names();
+  TORCH_CHECK_VALUE(backend == "auto" || std::find(names.begin(), names.end(), backend) != names.end(),
+                    "torch_mla.mla_attention: backend must be \"auto\" or one of cudnn, kernels, efficient, ",
+                    "composed, cpu, simt; got \"", backend, "\"");
+}
+
 std::unordered_map<std::string, const AttentionCore*>& registry() {
   static std::unordered_map<std::string, const AttentionCore*> cores;
   return cores;
@@ -169,10 +177,7 @@ CoreChoice choose_core(const CoreQuery& query, const std::string& backend) {
     }
     TORCH_CHECK(false, "torch_mla.mla_attention: no attention core serves this call");  // composed serves all
   }
-  const auto& names = core_names();
-  TORCH_CHECK_VALUE(std::find(names.begin(), names.end(), backend) != names.end(),
-                    "torch_mla.mla_attention: backend must be \"auto\" or one of cudnn, kernels, efficient, ",
-                    "composed, cpu, simt; got \"", backend, "\"");
+  check_backend_name(backend);
   if (!serves(backend)) {
     std::string can;
     for (const auto& [core, why] : choice.why) {
@@ -221,10 +226,7 @@ std::string resolve_core_name(const at::Tensor& like, const c10::SymInt& dim_nop
   const std::string requested = requested_backend(backend);
   const auto device = like.device().type();
   if (device != c10::DeviceType::CPU && device != c10::DeviceType::CUDA) {
-    const auto& names = core_names();
-    TORCH_CHECK_VALUE(requested == "auto" || std::find(names.begin(), names.end(), requested) != names.end(),
-                      "torch_mla.mla_attention: backend must be \"auto\" or one of cudnn, kernels, efficient, ",
-                      "composed, cpu, simt; got \"", requested, "\"");
+    check_backend_name(requested);
     return requested;
   }
   const std::string core = choose_core(query_for(like, dim_nope, dim_rope, dim_v, varlen), requested).core;
