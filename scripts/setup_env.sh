@@ -14,6 +14,12 @@ if [ ! -f "$stamp" ] || ! cmp -s requirements-dev.txt "$stamp"; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-dev.txt
   cp requirements-dev.txt "$stamp"
 fi
+# torchtitan for tests/test_torchtitan.py, without the trainer's dependency tree (the file says why).
+stamp="$VENV/.requirements-torchtitan.stamp"
+if [ ! -f "$stamp" ] || ! cmp -s requirements-torchtitan.txt "$stamp"; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -r requirements-torchtitan.txt
+  cp requirements-torchtitan.txt "$stamp"
+fi
 [ -z "${TORCH_MLA_CUDA_ARCHS:-}" ] || echo "setup: TORCH_MLA_CUDA_ARCHS=$TORCH_MLA_CUDA_ARCHS"
 [ -z "${TORCH_MLA_CUDA:-}" ] || echo "setup: TORCH_MLA_CUDA=$TORCH_MLA_CUDA"
 export TORCH_MLA_CUDA_ARCHS TORCH_MLA_CUDA

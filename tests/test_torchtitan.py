@@ -15,7 +15,7 @@ pytest.importorskip("torchtitan", reason="torchtitan is not installed (requireme
 from torchtitan.distributed.activation_checkpoint import SelectiveAC  # noqa: E402
 from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm  # noqa: E402
 from torchtitan.models.common.attention import (  # noqa: E402
-    ScaledDotProductAttention, VarlenAttention, create_varlen_metadata_for_document)
+    ScaledDotProductAttention, VarlenAttention)
 from torchtitan.models.deepseek_v3 import DeepSeekV3Model, _build_dsv3_layers  # noqa: E402
 from torchtitan.models.deepseek_v3.sharding import set_deepseek_v3_sharding_config  # noqa: E402
 
@@ -29,9 +29,11 @@ VOCAB, BATCH, SEQLEN = 128, 2, 12
 Q_LORA_RANKS = [0, 24]  # wq, or wq_a → q_norm → wq_b (the q-latent op)
 
 
-def model_config(q_lora_rank: int, *, dim=64, n_heads=4, kv_lora_rank=32, nope=16, rope=8, v=16):
-    """A tiny DeepSeek-V3 (one dense layer, one MoE layer, YaRN RoPE with mscale) whose stock
-    attention runs SDPA (causal), the inner attention that runs on the CPU."""
+def model_config(q_lora_rank: int, *, sdpa=True, dim=64, n_heads=4, kv_lora_rank=32, nope=16, rope=8,
+                 v=16):
+    """A tiny DeepSeek-V3 (one dense layer, one MoE layer, YaRN RoPE with mscale); its inner
+    attention is torchtitan's default, FlexAttention, or with sdpa SDPA (causal over each row),
+    which runs eagerly on the CPU (the stock model of these tests)."""
     layers = _build_dsv3_layers(
         n_layers=2, n_dense_layers=1, dim=dim, n_heads=n_heads, q_lora_rank=q_lora_rank,
         kv_lora_rank=kv_lora_rank, qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v,
@@ -40,7 +42,7 @@ def model_config(q_lora_rank: int, *, dim=64, n_heads=4, kv_lora_rank=32, nope=1
         non_blocking_capacity_factor=None,
         rope=ComplexRoPE.Config(dim=rope, max_seq_len=64, theta=10000.0, scaling="yarn",
                                 rope_factor=40.0, beta_fast=32.0, beta_slow=1.0, original_seq_len=16))
-    for layer in layers:
+    for layer in layers if sdpa else []:
         layer.attention.inner_attention = ScaledDotProductAttention.Config()
     init = {"weight": torch.nn.init.normal_}
     return DeepSeekV3Model.Config(
@@ -58,7 +60,7 @@ def stock_and_ours(q_lora_rank: int, *, tp_plan=False, **dims):
     """(stock model, converted model holding the stock model's state dict); with tp_plan, both
     carry torchtitan's DeepSeek-V3 tensor-parallel plan (used once parallelized)."""
     config = model_config(q_lora_rank, **dims)
-    converted = convert(config)
+    converted = convert(model_config(q_lora_rank, sdpa=False, **dims))
     if tp_plan:
         for c in (config, converted):
             set_deepseek_v3_sharding_config(c, enable_sp=False, enable_ep=False)
@@ -86,19 +88,25 @@ def loss_fn(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
 
 
 def assert_grads_match(model, ref_model, tol=1e-5, skip=()):
-    ref = dict(ref_model.named_parameters())
+    """The largest relative error of the grads (each checked against tol)."""
+    ref, worst = dict(ref_model.named_parameters()), 0.0
     for name, p in model.named_parameters():
         if any(s in name for s in skip):
             continue
         assert p.grad is not None and ref[name].grad is not None, name
         err = rel_err(p.grad, ref[name].grad)
         assert err <= tol, f"{name}: max relative error {err:.3g}"
+        worst = max(worst, err)
+    return worst
 
 
 def test_converter_swaps_every_attention_keeping_parameters():
     config = model_config(24)
-    converted = convert(config)
+    converted = convert(model_config(24, sdpa=False))
     assert all(type(layer.attention) is TorchMLAAttention.Config for layer in converted.layers)
+    # Flex's BlockMask becomes varlen's document offsets, which the op takes.
+    assert all(type(layer.attention.inner_attention) is VarlenAttention.Config
+               for layer in converted.layers)
     stock, ours = config.build(), converted.build()
     assert all(isinstance(layer.attention, TorchMLAAttention) for layer in ours.layers.values())
     assert ours.state_dict().keys() == stock.state_dict().keys()
@@ -114,8 +122,10 @@ def test_logits_and_grads_match_stock(q_lora_rank):
     for name, model in (("stock", stock), ("ours", ours)):
         logits[name] = model(tok)
         loss_fn(logits[name], tok).backward()
-    assert rel_err(logits["ours"], logits["stock"]) <= 1e-5
-    assert_grads_match(ours, stock)
+    err = rel_err(logits["ours"], logits["stock"])
+    assert err <= 1e-5
+    print(f"\nq_lora_rank={q_lora_rank}: logits {err:.2e}, worst parameter grad "
+          f"{assert_grads_match(ours, stock):.2e} (max relative error to stock)")
 
 
 @pytest.mark.parametrize("q_lora_rank", Q_LORA_RANKS)
@@ -129,7 +139,7 @@ def test_packed_documents_match_stock_per_document(q_lora_rank):
     for row, spans in enumerate(docs):
         for s, e in spans:
             positions[row, s:e] = torch.arange(e - s)
-    masks = create_varlen_metadata_for_document(positions)
+    masks = ours.get_attention_masks(positions)  # torchtitan's VarlenMetadata for the documents
     logits = ours(tok, positions=positions, attention_masks=masks)
     loss_fn(logits, tok).backward()
     ref_logits = torch.empty_like(logits)
@@ -145,11 +155,13 @@ def test_packed_documents_match_stock_per_document(q_lora_rank):
             last = stock(tok[row:row + 1, start:end])[0, -1:]
             pair = torch.nn.functional.cross_entropy(last, tok[row, nxt:nxt + 1], reduction="sum")
             pair.backward()
-    assert rel_err(logits, ref_logits.detach()) <= 1e-5
+    err = rel_err(logits, ref_logits.detach())
+    assert err <= 1e-5
     # The routed experts' grads depend on how tokens are grouped into calls: the stock model
     # alone gives grads 4e-3 apart for one batch and for its rows run one by one (its grouped
     # GEMMs on the CPU), so they are compared where the grouping is the same (the tests above).
-    assert_grads_match(ours, stock, skip=("moe.routed_experts",))
+    worst = assert_grads_match(ours, stock, skip=("moe.routed_experts",))
+    print(f"\nq_lora_rank={q_lora_rank}: packed documents: logits {err:.2e}, worst grad {worst:.2e}")
 
 
 @pytest.mark.parametrize("q_lora_rank", Q_LORA_RANKS)
@@ -244,6 +256,10 @@ def test_unsupported_settings_raise_naming_them():
     cp = ParallelDims(dp_replicate=1, dp_shard=1, cp=2, tp=1, pp=1, ep=1, world_size=2)
     with pytest.raises(NotImplementedError, match=r"context parallelism \(cp=2\)"):
         attention.parallelize(cp)  # what model.parallelize reaches for every attention
+    tp = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=2, pp=1, ep=1, world_size=2,
+                      spmd_backend="partial_dtensor")
+    with pytest.raises(NotImplementedError, match="spmd_backend='partial_dtensor'"):
+        attention.parallelize(tp)
     with pytest.raises(NotImplementedError, match="attention_masks of type dict"):
         attention(torch.randn(1, 4, 64), {"causal": None})
 
@@ -274,13 +290,15 @@ def _tensor_parallel(rank, world, q_lora_rank):
     assert attention.wkv_b.weight.shape[0] * world == full_attention.wkv_b.weight.shape[0]
     assert attention.wo.weight.shape[1] * world == full_attention.wo.weight.shape[1]
     # Against the stock model under the same plan: every local logit and grad.
-    assert rel_err(sharded["ours"], sharded["stock"]) <= 1e-5
-    assert_grads_match(ours, stock)
+    err_stock = rel_err(sharded["ours"], sharded["stock"])
+    assert err_stock <= 1e-5
+    grad_stock = assert_grads_match(ours, stock)
     # Against one process: the local shards of the logits and of the attention weights' grads;
     # grads of replicated weights are rank-partial under the plan (reduced later by FSDP/DDP).
     full = single(tok).detach()
-    assert rel_err(sharded["ours"], full.chunk(world, dim=-1)[rank]) <= 1e-5
-    ref = dict(single.named_parameters())
+    err_single = rel_err(sharded["ours"], full.chunk(world, dim=-1)[rank])
+    assert err_single <= 1e-5
+    ref, grad_single = dict(single.named_parameters()), 0.0
     for name, p in ours.named_parameters():
         if ".attention." not in name:
             continue
@@ -293,6 +311,10 @@ def _tensor_parallel(rank, world, q_lora_rank):
             ref_grad = ref_grad.chunk(world, dim=dim)[rank]
         err = rel_err(grad, ref_grad)
         assert err <= 1e-5, f"rank {rank} {name}: max relative error {err:.3g}"
+        grad_single = max(grad_single, err)
+    print(f"\nrank {rank}, q_lora_rank={q_lora_rank}: vs stock TP logits {err_stock:.2e}, grads "
+          f"{grad_stock:.2e}; vs one process logits {err_single:.2e}, attention grads "
+          f"{grad_single:.2e}", flush=True)
 
 
 @pytest.mark.parametrize("q_lora_rank", Q_LORA_RANKS)
