@@ -92,7 +92,7 @@ def scratch_python(site, *args, cwd):
 def test_wheel_layout_and_runpath(site):
     package = site / "torch_mla"
     for path in ("lib/libtorch_mla.so", "include/torch_mla/torch_mla.h",
-                 "lib/cmake/TorchMLA/TorchMLAConfig.cmake", "cmake.py"):
+                 "lib/cmake/TorchMLA/TorchMLAConfig.cmake", "cmake.py", "integrations/torchtitan.py"):
         assert (package / path).is_file(), path
     if READELF is None:
         pytest.skip("no readelf")

@@ -237,6 +237,8 @@ def test_selective_ac_runs_our_forward_once_per_step(q_lora_rank):
         policy.build().apply(model)
         with OpCounter() as counter:
             loss_fn(model(tok), tok).backward()
+        print(f"\n{type(policy).__qualname__}: {counter.counts[op]} {op} forwards in one step "
+              f"of {layers} layers")
         assert counter.counts[op] == forwards, (type(policy).__qualname__, counter.counts)
         assert counter.counts[op.replace("_q_latent", "") + "_backward"] == layers
         ref = dict(reference.named_parameters())

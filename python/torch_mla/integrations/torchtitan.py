@@ -107,8 +107,9 @@ class TorchMLAAttention(Attention):
         table = table.expand(batch, seqlen, *table.shape[2:])
         return table[..., 0], table[..., 1]
 
-    def _sequences(self, attention_masks, batch: int, seqlen: int):
-        """(cu_seqlens, max_seqlen) of the documents, or (None, None) for causal padded rows."""
+    def _sequences(self, attention_masks):
+        """(cu_seqlens, max_seqlen) of the documents, or (None, None) for causal padded rows. The
+        op checks cu_seqlens against the B·S packed tokens (docs/design.md §3.2)."""
         if "forward" in vars(self.inner_attention) and not self.inner_attention._parallelized:
             # Only torchtitan's CP (apply_cp_to_forward) rewraps inner_attention outside parallelize().
             raise _unsupported("context parallelism", "inner_attention's forward was wrapped "
@@ -120,9 +121,6 @@ class TorchMLAAttention(Attention):
             if m.cu_seq_q is not m.cu_seq_k and not torch.equal(m.cu_seq_q, m.cu_seq_k):
                 raise _unsupported("VarlenMetadata with cu_seq_q != cu_seq_k",
                                    "queries and keys must share their documents")
-            if m.cu_seq_q[-1].item() != batch * seqlen:
-                raise ValueError(f"torch_mla: VarlenMetadata.cu_seq_q must end at B*S = "
-                                 f"{batch * seqlen}, got {m.cu_seq_q[-1].item()}")
             return m.cu_seq_q.to(torch.int32), max(m.max_q, m.max_k)
         raise _unsupported(f"attention_masks of type {type(attention_masks).__name__}",
                            "torch_mla takes None (causal) or VarlenMetadata (causal documents); "
@@ -131,7 +129,7 @@ class TorchMLAAttention(Attention):
 
     def forward(self, x: torch.Tensor, attention_masks, positions: Optional[torch.Tensor] = None):
         batch, seqlen, _ = x.shape
-        cu_seqlens, max_seqlen = self._sequences(attention_masks, batch, seqlen)
+        cu_seqlens, max_seqlen = self._sequences(attention_masks)
         kv_latent, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv_latent = self.kv_norm(kv_latent)
         cos, sin = self._cos_sin(positions, batch, seqlen)
