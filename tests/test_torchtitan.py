@@ -264,6 +264,11 @@ def test_unsupported_settings_raise_naming_them():
         attention.parallelize(tp)
     with pytest.raises(NotImplementedError, match="attention_masks of type dict"):
         attention(torch.randn(1, 4, 64), {"causal": None})
+    # torchtitan's partial_dtensor CP (apply_cp_to_forward) rebinds inner_attention.forward
+    # without parallelize(); the module never calls it, so it refuses to run.
+    attention.inner_attention.forward = lambda q, k, v, **kwargs: None
+    with pytest.raises(NotImplementedError, match="context parallelism"):
+        attention(torch.randn(1, 4, 64), None)
 
 
 def _tensor_parallel(rank, world, q_lora_rank):

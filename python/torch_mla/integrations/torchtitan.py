@@ -95,7 +95,8 @@ class TorchMLAAttention(Attention):
 
     def _cos_sin(self, positions: Optional[torch.Tensor], batch: int, seqlen: int
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, S, Dr/2) float32 from the complex cache ``cos + i·sin`` (no copy of it)."""
+        """cos, sin (B, S, Dr/2) float32: the real and imaginary parts of the complex cache
+        ``cos + i·sin`` at the positions (arange(S) when None), as ComplexRoPE reads it."""
         cache = torch.view_as_real(self.rope.cache)  # (max_seq_len, Dr/2, 2)
         if positions is None:
             table = cache[:seqlen].unsqueeze(0)
@@ -110,10 +111,6 @@ class TorchMLAAttention(Attention):
     def _sequences(self, attention_masks):
         """(cu_seqlens, max_seqlen) of the documents, or (None, None) for causal padded rows. The
         op checks cu_seqlens against the B·S packed tokens (docs/design.md §3.2)."""
-        if "forward" in vars(self.inner_attention) and not self.inner_attention._parallelized:
-            # Only torchtitan's CP (apply_cp_to_forward) rewraps inner_attention outside parallelize().
-            raise _unsupported("context parallelism", "inner_attention's forward was wrapped "
-                               "(torchtitan's apply_cp_to_forward); this module does not call it")
         if attention_masks is None:
             return None, None
         if isinstance(attention_masks, VarlenMetadata):
@@ -128,6 +125,10 @@ class TorchMLAAttention(Attention):
                            "model builds the latter from positions")
 
     def forward(self, x: torch.Tensor, attention_masks, positions: Optional[torch.Tensor] = None):
+        if "forward" in vars(self.inner_attention) and not self.inner_attention._parallelized:
+            # Only torchtitan's CP (apply_cp_to_forward) rewraps inner_attention outside parallelize().
+            raise _unsupported("context parallelism", "inner_attention's forward was wrapped "
+                               "(torchtitan's apply_cp_to_forward); this module does not call it")
         batch, seqlen, _ = x.shape
         cu_seqlens, max_seqlen = self._sequences(attention_masks)
         kv_latent, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
