@@ -124,7 +124,7 @@ def test_packed_token_count_mismatch():
 
 def test_backward_op_checks_grad_out():
     inputs = padded()
-    out, lse = torch.ops.torch_mla.mla_attention(*inputs.values(), 0.1, True, None, 0)
+    out, lse, _ = torch.ops.torch_mla.mla_attention(*inputs.values(), 0.1, True, None, 0)
     with pytest.raises(ValueError, match=r"max_seqlen must be 0 \(not given\)"):
         torch.ops.torch_mla.mla_attention_backward(out, *inputs.values(), out, lse, 0.1, True, None, -1)
     with pytest.raises(ValueError, match=r"grad_out must have shape \(B, S, H, Dv\)"):
