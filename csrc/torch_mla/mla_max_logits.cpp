@@ -16,6 +16,10 @@ namespace {
 // Elements of one chunk's (heads × query rows × keys) score tensor, as the composed core's: 2^25.
 constexpr int64_t kChunkElements = int64_t{1} << 25;
 
+// Causal: query rows per chunk, so that a chunk's keys stop at its last row (about half the
+// square is never computed); the per-chunk overhead of 128 rows is small against their scores.
+constexpr int64_t kCausalRows = 128;
+
 // lse is the core's float arithmetic, not exact: a row is skipped only if its lse is below the
 // head's best lower bound by more than this (relative) slack, far above float32 rounding.
 constexpr double kSlack = 1e-3;
@@ -51,17 +55,23 @@ at::Tensor max_logits_from_scores(const CoreProblem& p, const at::Tensor& q, con
     const at::Tensor k_nope = keys.narrow(2, 0, Dn).permute({1, 2, 0});         // (H, Dn, L)
     const at::Tensor k_r = k_rope.narrow(0, seq.begin, seq.len).to(acc).t();   // (Dr, L)
     const at::Tensor key_pos = at::arange(seq.len, opts.dtype(at::kLong));
-    const int64_t chunk = std::clamp<int64_t>(kChunkElements / (H * seq.len), 1, static_cast<int64_t>(rows.size()));
+    const int64_t most = p.causal ? kCausalRows : static_cast<int64_t>(rows.size());
+    const int64_t chunk = std::clamp<int64_t>(kChunkElements / (H * seq.len), 1, most);
     for (size_t r0 = 0; r0 < rows.size(); r0 += chunk) {
       const int64_t n = std::min<int64_t>(chunk, static_cast<int64_t>(rows.size() - r0));
+      // rows ascend: under causal masking the chunk's last row sees the most keys.
+      const int64_t keys = visible_key_end(rows[r0 + n - 1] + 1, seq.len, p.causal);
       const at::Tensor pos =
           at::tensor(std::vector<int64_t>(rows.begin() + r0, rows.begin() + r0 + n), at::kLong).to(opts.device());
       const at::Tensor qs = q.narrow(0, seq.begin, seq.len).index_select(0, pos).to(acc);  // (n, H, Dn+Dr)
-      // scores (H, n, L) = q_nope·k_nopeᵀ per head + q_rope·k_ropeᵀ (k_rope shared by the heads)
-      at::Tensor s = at::bmm(qs.narrow(2, 0, Dn).transpose(0, 1), k_nope);
-      if (Dr > 0) s.add_(at::matmul(qs.narrow(2, Dn, Dr), k_r).transpose(0, 1));
+      // scores (H, n, keys) = q_nope·k_nopeᵀ per head + q_rope·k_ropeᵀ (k_rope shared by the heads)
+      at::Tensor s = at::bmm(qs.narrow(2, 0, Dn).transpose(0, 1), k_nope.narrow(2, 0, keys));
+      if (Dr > 0) s.add_(at::matmul(qs.narrow(2, Dn, Dr), k_r.narrow(1, 0, keys)).transpose(0, 1));
       s.mul_(p.softmax_scale);
-      if (p.causal) s.masked_fill_(key_pos.unsqueeze(0) > pos.unsqueeze(1), -std::numeric_limits<double>::infinity());
+      if (p.causal) {
+        s.masked_fill_(key_pos.narrow(0, 0, keys).unsqueeze(0) > pos.unsqueeze(1),
+                       -std::numeric_limits<double>::infinity());
+      }
       result = at::maximum(result, s.amax({1, 2}));
     }
   }
