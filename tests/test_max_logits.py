@@ -3,6 +3,8 @@ float64 reference (fp64 to 1e-12, fp32 to 1e-5 relative, bf16 by the 2× rule), 
 with empty sequences, causal and not; the shared fallback forced on every core; the q-latent op,
 the module, the Hugging Face patch and context parallelism; opcheck, torch.compile, and what the
 op saves."""
+import os
+
 import pytest
 import torch
 
@@ -237,3 +239,12 @@ def _cp_max_logits(rank, world, seqlen):
 @pytest.mark.timeout(300)
 def test_context_parallel_is_the_maximum_over_ranks():
     run_ranks(_cp_max_logits, 2, 16)
+
+
+def test_overhead_benchmark_times_every_mode():
+    from torch_mla import bench_max_logits
+    rows = bench_max_logits.main(["--device", "cpu", "--cores", "cpu", "composed", "--seqlens", "16", "40",
+                                  "--heads", "2", "--warmup", "0", "--reps", "1"])
+    assert [(r["core"], r["seqlen"]) for r in rows] == [("cpu", 16), ("cpu", 40), ("composed", 16), ("composed", 40)]
+    assert all(r[f"{m}_ms"] > 0 for r in rows for m in bench_max_logits.MODES)
+    assert "TORCH_MLA_MAX_LOGITS" not in os.environ  # the fallback mode leaves no trace
