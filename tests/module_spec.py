@@ -28,8 +28,9 @@ def yarn_scale_spec(qk_head_dim, rope_scaling):
     return scale
 
 
-def block_spec(module, params, hidden_states, position_ids, cu_seqlens=None):
-    """The MultiHeadLatentAttention block on `params` (name → tensor, e.g. float64 leaves)."""
+def block_spec(module, params, hidden_states, position_ids, cu_seqlens=None, return_max_logits=False):
+    """The MultiHeadLatentAttention block on `params` (name → tensor, e.g. float64 leaves); with
+    return_max_logits also the attention's per-head maximum logit."""
     m = module
 
     def linear(name, x):
@@ -58,5 +59,8 @@ def block_spec(module, params, hidden_states, position_ids, cu_seqlens=None):
     k_rope = rope_spec(k_rope, cos, sin, m.rope_interleave)
     out = mla_attention_reference(q, kv_latent, k_rope, params["kv_b_proj.weight"],
                                   softmax_scale=yarn_scale_spec(dn + dr, m.rope_scaling),
-                                  cu_seqlens=cu_seqlens)
+                                  cu_seqlens=cu_seqlens, return_max_logits=return_max_logits)
+    if return_max_logits:
+        out, max_logits = out
+        return linear("o_proj", out.flatten(-2)), max_logits
     return linear("o_proj", out.flatten(-2))

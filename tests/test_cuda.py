@@ -162,7 +162,7 @@ def test_opcheck(core, packed):
         inputs, cu = cuda_inputs(DSV3, torch.bfloat16, core, batch=2, seqlen=70, requires_grad=False)
     args = op_args(inputs, cu, DSV3, core)
     torch.library.opcheck(torch.ops.torch_mla.mla_attention.default, args)
-    out, lse = torch.ops.torch_mla.mla_attention(*args)
+    out, lse, _ = torch.ops.torch_mla.mla_attention(*args)
     grad_out = torch.randn_like(out)
     torch.library.opcheck(torch.ops.torch_mla.mla_attention_backward.default,
                           (grad_out, *args[:4], out, lse, *args[4:]))

@@ -40,12 +40,17 @@ PADDED_CASES = {
 }
 
 
+# Asking for the maximum logits (docs/design.md §12) changes no check.
+MAX_LOGITS = pytest.mark.parametrize("max_logits", [False, True], ids=["plain", "max-logits"])
+
+
+@MAX_LOGITS
 @pytest.mark.parametrize("case", list(PADDED_CASES))
-def test_bad_padded_input(case):
+def test_bad_padded_input(case, max_logits):
     replace, message = PADDED_CASES[case]
     inputs = {**padded(), **replace}
     with pytest.raises(ValueError, match=message):
-        call(inputs)
+        call(inputs, return_max_logits=max_logits)
 
 
 def cu(*values, dtype=torch.int32):
@@ -70,13 +75,14 @@ def on(backend, inputs, kwargs):
     return {k: move(v) for k, v in inputs.items()}, {k: move(v) for k, v in kwargs.items()}
 
 
+@MAX_LOGITS
 @pytest.mark.parametrize("case", list(PACKED_CASES))
-def test_bad_packed_input(backend, case):
+def test_bad_packed_input(backend, case, max_logits):
     """The value checks of cu_seqlens and max_seqlen: the same ValueError whichever core runs."""
     inputs, kwargs = on(backend, packed()[0], PACKED_CASES[case][0])
     backend.skip_unless_served(inputs, packed()[1].to(backend.device))  # shapes and dtype only
     with pytest.raises(ValueError, match=PACKED_CASES[case][1]):
-        call(inputs, **kwargs)
+        call(inputs, **kwargs, return_max_logits=max_logits)
 
 
 @pytest.mark.parametrize("max_seqlen,message", [(S - 1, r"max_seqlen \(4\) is smaller than the longest sequence \(S = 5\)"),
@@ -124,7 +130,7 @@ def test_packed_token_count_mismatch():
 
 def test_backward_op_checks_grad_out():
     inputs = padded()
-    out, lse = torch.ops.torch_mla.mla_attention(*inputs.values(), 0.1, True, None, 0)
+    out, lse, _ = torch.ops.torch_mla.mla_attention(*inputs.values(), 0.1, True, None, 0)
     with pytest.raises(ValueError, match=r"max_seqlen must be 0 \(not given\)"):
         torch.ops.torch_mla.mla_attention_backward(out, *inputs.values(), out, lse, 0.1, True, None, -1)
     with pytest.raises(ValueError, match=r"grad_out must have shape \(B, S, H, Dv\)"):

@@ -26,7 +26,7 @@ def test_opcheck_backward(backend, packed):
         inputs, cu = backend.inputs(SMALL, seqlens=[4, 0, 9, 1], requires_grad=False)
     else:
         inputs, cu = backend.inputs(SMALL, batch=2, seqlen=7, requires_grad=False)
-    out, lse = torch.ops.torch_mla.mla_attention(*op_args(inputs, cu, backend.core))
+    out, lse, _ = torch.ops.torch_mla.mla_attention(*op_args(inputs, cu, backend.core))
     grad_out = torch.randn_like(out)
     args = (grad_out, *[inputs[k] for k in TENSOR_ARGS], out, lse, *op_args(inputs, cu, backend.core)[4:])
     torch.library.opcheck(torch.ops.torch_mla.mla_attention_backward.default, args)

@@ -54,22 +54,23 @@ def cu_seqlens(seqlens):
 
 
 def q_latent_spec(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, *, rope_interleave,
-                  cu_seqlens=None, softmax_scale=None):
+                  cu_seqlens=None, softmax_scale=None, return_max_logits=False):
     dim_rope = k_rope.shape[-1]
     q = (q_latent @ wq_b.t()).unflatten(-1, (SMALL.heads, -1))
     q_rope = rope_spec(q[..., -dim_rope:], cos.unsqueeze(-2).to(q.dtype), sin.unsqueeze(-2).to(q.dtype),
                        rope_interleave)
     q = torch.cat((q[..., :-dim_rope], q_rope), -1)
     return mla_attention_reference(q, kv_latent, k_rope, wkv_b, cu_seqlens=cu_seqlens,
-                                   softmax_scale=softmax_scale)
+                                   softmax_scale=softmax_scale, return_max_logits=return_max_logits)
 
 
 def op(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, *, rope_interleave, cu_seqlens=None,
-       softmax_scale=None):
+       softmax_scale=None, return_max_logits=False):
     # SMALL and TINY have the same number of heads.
     return torch_mla.mla_attention_q_latent(
         q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, num_heads=SMALL.heads,
-        rope_interleave=rope_interleave, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale)
+        rope_interleave=rope_interleave, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale,
+        return_max_logits=return_max_logits)
 
 
 def out_and_grads(fn, inputs, dtype, **kwargs):

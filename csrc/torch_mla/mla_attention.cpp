@@ -47,7 +47,8 @@ std::vector<int64_t> kernel_archs() {
 TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
   m.def(
       "mla_attention(Tensor q, Tensor kv_latent, Tensor k_rope, Tensor wkv_b, float softmax_scale, "
-      "bool causal, Tensor? cu_seqlens, SymInt max_seqlen, str backend=\"auto\") -> (Tensor out, Tensor lse)",
+      "bool causal, Tensor? cu_seqlens, SymInt max_seqlen, str backend=\"auto\", bool return_max_logits=False) "
+      "-> (Tensor out, Tensor lse, Tensor max_logits)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "mla_attention_backward(Tensor grad_out, Tensor q, Tensor kv_latent, Tensor k_rope, "
@@ -63,7 +64,7 @@ TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
   m.def("_kernel_archs() -> int[]", TORCH_FN(kernel_archs));
 }
 
-std::tuple<at::Tensor, at::Tensor> mla_attention(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention(
     const at::Tensor& q,
     const at::Tensor& kv_latent,
     const at::Tensor& k_rope,
@@ -72,11 +73,13 @@ std::tuple<at::Tensor, at::Tensor> mla_attention(
     bool causal,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    bool return_max_logits) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_mla::mla_attention", "")
                        .typed<decltype(mla_attention)>();
-  return op.call(q, kv_latent, k_rope, wkv_b, softmax_scale, causal, cu_seqlens, std::move(max_seqlen), backend);
+  return op.call(q, kv_latent, k_rope, wkv_b, softmax_scale, causal, cu_seqlens, std::move(max_seqlen), backend,
+                 return_max_logits);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_attention_backward(

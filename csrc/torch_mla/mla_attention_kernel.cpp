@@ -6,9 +6,14 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <limits>
+#include <string>
+
 #include "torch_mla/cores/core.h"
 #include "torch_mla/cores/select.h"
 #include "torch_mla/mla_latent.h"
+#include "torch_mla/mla_max_logits.h"
 #include "torch_mla/mla_sequences.h"
 #include "torch_mla/mla_shapes.h"
 
@@ -28,12 +33,20 @@ at::Tensor per_head(const at::Tensor& t, int64_t tokens, int64_t heads) {
   return t.reshape({tokens, heads, t.size(-1)});
 }
 
-CoreProblem make_problem(const Sequences& seqs, const MlaDims& d, double softmax_scale, bool causal) {
-  return {seqs, d.heads.expect_int(), d.dim_nope.expect_int(), d.dim_rope.expect_int(), d.dim_v.expect_int(),
-          softmax_scale, causal, at::globalContext().deterministicAlgorithms()};
+// TORCH_MLA_MAX_LOGITS=recompute: take every core's max_logits from the shared fallback, so that
+// the fallback is tested and timed on any device (docs/design.md §12.2).
+bool recompute_max_logits() {
+  const char* env = std::getenv("TORCH_MLA_MAX_LOGITS");
+  return env != nullptr && std::string(env) == "recompute";
 }
 
-std::tuple<at::Tensor, at::Tensor> mla_attention_device(
+CoreProblem make_problem(const Sequences& seqs, const MlaDims& d, double softmax_scale, bool causal,
+                         bool max_logits = false) {
+  return {seqs, d.heads.expect_int(), d.dim_nope.expect_int(), d.dim_rope.expect_int(), d.dim_v.expect_int(),
+          softmax_scale, causal, at::globalContext().deterministicAlgorithms(), max_logits};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_device(
     const at::Tensor& q,
     const at::Tensor& kv_latent,
     const at::Tensor& k_rope,
@@ -42,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_device(
     bool causal,
     const std::optional<at::Tensor>& cu_seqlens,
     int64_t max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    bool return_max_logits) {
   const KernelDtypeGuard no_autocast;
   const c10::OptionalDeviceGuard device_guard(q.device());
   const MlaDims d = check_mla_inputs(q, kv_latent, k_rope, wkv_b, cu_seqlens);
@@ -52,13 +66,20 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_device(
   std::vector<int64_t> out_shape = q.sizes().vec();
   out_shape.back() = d.dim_v.expect_int();
   const auto lse_shape = q.sizes().slice(0, q.dim() - 1);
-  if (T == 0) {
-    return {at::empty(out_shape, q.options()), at::empty(lse_shape, q.options().dtype(lse_dtype(q.scalar_type())))};
-  }
+  const auto stats = q.options().dtype(lse_dtype(q.scalar_type()));
+  // max_logits: (H,) when asked for (docs/design.md §12), else an empty (0,) tensor.
+  at::Tensor max_logits = return_max_logits ? at::full({H}, -std::numeric_limits<double>::infinity(), stats)
+                                            : at::empty({0}, stats);
+  if (T == 0) return {at::empty(out_shape, q.options()), at::empty(lse_shape, stats), max_logits};
   const at::Tensor kv = expand_kv(kv_latent.reshape({T, -1}), wkv_b, H);
-  const CoreOutputs o = core.forward(make_problem(seqs, d, softmax_scale, causal), per_head(q, T, H), kv,
-                                     k_rope.reshape({T, -1}).contiguous());
-  return {o.out.view(out_shape), o.lse.view(lse_shape)};
+  const CoreProblem problem =
+      make_problem(seqs, d, softmax_scale, causal, return_max_logits && !recompute_max_logits());
+  const at::Tensor q3 = per_head(q, T, H), k_rope2 = k_rope.reshape({T, -1}).contiguous();
+  CoreOutputs o = core.forward(problem, q3, kv, k_rope2);
+  if (return_max_logits) {
+    max_logits = o.max_logits.defined() ? o.max_logits : max_logits_from_scores(problem, q3, kv, k_rope2, o.lse);
+  }
+  return {o.out.view(out_shape), o.lse.view(lse_shape), max_logits};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_attention_backward_device(

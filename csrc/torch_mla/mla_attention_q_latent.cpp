@@ -14,7 +14,7 @@ namespace torch_mla {
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent_composite(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_q_latent_composite(
     const at::Tensor& q_latent,
     const at::Tensor& wq_b,
     const at::Tensor& cos,
@@ -28,11 +28,12 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent_composite(
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    bool return_max_logits) {
   check_q_latent_inputs(q_latent, wq_b, cos, sin, k_rope, num_heads, cu_seqlens);
   const at::Tensor q = rotate_q(project_q(q_latent, wq_b, num_heads), cos, sin, rope_interleave);
   return mla_attention(q, kv_latent, k_rope, wkv_b, softmax_scale, causal, cu_seqlens,
-                       std::move(max_seqlen), backend);
+                       std::move(max_seqlen), backend, return_max_logits);
 }
 
 }  // namespace
@@ -41,8 +42,8 @@ TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
   m.def(
       "mla_attention_q_latent(Tensor q_latent, Tensor wq_b, Tensor cos, Tensor sin, "
       "Tensor kv_latent, Tensor k_rope, Tensor wkv_b, int num_heads, float softmax_scale, "
-      "bool causal, bool rope_interleave, Tensor? cu_seqlens, SymInt max_seqlen, str backend=\"auto\") "
-      "-> (Tensor out, Tensor lse)",
+      "bool causal, bool rope_interleave, Tensor? cu_seqlens, SymInt max_seqlen, str backend=\"auto\", "
+      "bool return_max_logits=False) -> (Tensor out, Tensor lse, Tensor max_logits)",
       {at::Tag::pt2_compliant_tag});
 }
 
@@ -50,7 +51,7 @@ TORCH_LIBRARY_IMPL(torch_mla, CompositeExplicitAutograd, m) {
   m.impl("mla_attention_q_latent", TORCH_FN(mla_attention_q_latent_composite));
 }
 
-std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_q_latent(
     const at::Tensor& q_latent,
     const at::Tensor& wq_b,
     const at::Tensor& cos,
@@ -64,12 +65,13 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent(
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    bool return_max_logits) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_mla::mla_attention_q_latent", "")
                        .typed<decltype(mla_attention_q_latent)>();
   return op.call(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, num_heads, softmax_scale, causal,
-                 rope_interleave, cu_seqlens, std::move(max_seqlen), backend);
+                 rope_interleave, cu_seqlens, std::move(max_seqlen), backend, return_max_logits);
 }
 
 }  // namespace torch_mla

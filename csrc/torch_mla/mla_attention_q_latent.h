@@ -16,8 +16,8 @@
 
 namespace torch_mla {
 
-// Returns (out, lse) exactly as mla_attention on q = rope([c_q · wq_bᵀ] per head).
-std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent(
+// Returns (out, lse, max_logits) exactly as mla_attention on q = rope([c_q · wq_bᵀ] per head).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_q_latent(
     const at::Tensor& q_latent,
     const at::Tensor& wq_b,
     const at::Tensor& cos,
@@ -31,6 +31,7 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent(
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend = "auto");
+    c10::string_view backend = "auto",
+    bool return_max_logits = false);
 
 }  // namespace torch_mla

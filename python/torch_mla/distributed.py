@@ -103,7 +103,7 @@ def _merge(outs: List[torch.Tensor], lses: List[torch.Tensor]):
 
 class _ContextParallelMLA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, kv_latent, k_rope, wkv_b, softmax_scale, group):
+    def forward(ctx, q, kv_latent, k_rope, wkv_b, softmax_scale, group, return_max_logits):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         dim_latent = kv_latent.shape[-1]
         # One collective of (Dc + Dr) values per token.
@@ -116,21 +116,30 @@ class _ContextParallelMLA(torch.autograd.Function):
             first, second = _chunk_ids(r, world)
             key_chunks[first], key_chunks[second] = gathered[r].chunk(2, dim=1)
 
-        outs, lses = [], []
+        outs, lses, max_logits = [], [], []
         for g, q_chunk in zip(_chunk_ids(rank, world), q.chunk(2, dim=1)):
             parts = [torch.ops.torch_mla.mla_attention(
                 q_chunk, key_chunks[j][..., :dim_latent], key_chunks[j][..., dim_latent:], wkv_b,
-                softmax_scale, j == g, None, 0) for j in range(g + 1)]
+                softmax_scale, j == g, None, 0, "auto", return_max_logits) for j in range(g + 1)]
             out, lse = _merge([p[0] for p in parts], [p[1] for p in parts])
             outs.append(out)
             lses.append(lse)
+            max_logits += [p[2] for p in parts]
         out = torch.cat(outs, dim=1)
         ctx.save_for_backward(q, gathered, wkv_b, out, torch.cat(lses, dim=1))
         ctx.softmax_scale, ctx.group, ctx.dim_latent = softmax_scale, group, dim_latent
-        return out
+        if return_max_logits:
+            # Each rank sees the keys of its own query chunks: the maximum over the group is the
+            # maximum over the whole sequence (docs/design.md §12).
+            max_logits = torch.stack(max_logits).amax(0)
+            dist.all_reduce(max_logits, op=dist.ReduceOp.MAX, group=group)
+        else:
+            max_logits = max_logits[0]  # the op's empty (0,) tensor
+        ctx.mark_non_differentiable(max_logits)
+        return out, max_logits
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_max_logits):
         q, gathered, wkv_b, out, lse = ctx.saved_tensors
         group, dim_latent = ctx.group, ctx.dim_latent
         world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -162,21 +171,25 @@ class _ContextParallelMLA(torch.autograd.Function):
                                    group=group)
         grad_latents = grad_latents.to(gathered.dtype)
         return (torch.cat(grad_q_chunks, dim=1).to(q.dtype), grad_latents[..., :dim_latent],
-                grad_latents[..., dim_latent:], grad_wkv_b.to(wkv_b.dtype), None, None)
+                grad_latents[..., dim_latent:], grad_wkv_b.to(wkv_b.dtype), None, None, None)
 
 
 def context_parallel_mla_attention(q: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor,
                                    wkv_b: torch.Tensor, *, group: Optional[dist.ProcessGroup] = None,
-                                   softmax_scale: Optional[float] = None) -> torch.Tensor:
+                                   softmax_scale: Optional[float] = None, return_max_logits: bool = False):
     """Causal ``mla_attention`` over a sequence split across the ranks of `group`.
 
     Each argument holds this rank's share as laid out by ``shard_sequence`` (dim 1):
         q (B, 2L, H, Dn+Dr), kv_latent (B, 2L, Dc), k_rope (B, 2L, Dr), wkv_b (H*(Dn+Dv), Dc)
-    where 2W·L is the padded sequence length. Returns this rank's out (B, 2L, H, Dv).
+    where 2W·L is the padded sequence length. Returns this rank's out (B, 2L, H, Dv), and with
+    ``return_max_logits`` also max_logits (H,): the maximum over all ranks (all-reduced), the
+    same on every rank.
     """
     if q.dim() != 4 or q.shape[1] % 2:
         raise ValueError("context_parallel_mla_attention: q must have shape (B, 2L, H, Dn+Dr), the "
                          f"two chunks of shard_sequence; got {tuple(q.shape)}")
     if softmax_scale is None:
         softmax_scale = default_softmax_scale(q)
-    return _ContextParallelMLA.apply(q, kv_latent, k_rope, wkv_b, float(softmax_scale), group)
+    out, max_logits = _ContextParallelMLA.apply(q, kv_latent, k_rope, wkv_b, float(softmax_scale), group,
+                                                bool(return_max_logits))
+    return (out, max_logits) if return_max_logits else out

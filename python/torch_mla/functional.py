@@ -22,6 +22,7 @@ def mla_attention(
     cu_seqlens: Optional[torch.Tensor] = None,
     max_seqlen: Optional[int] = None,
     return_lse: bool = False,
+    return_max_logits: bool = False,
 ):
     """Multi-Head Latent Attention from the latents; saves only the latents for backward.
 
@@ -36,15 +37,24 @@ def mla_attention(
         cu_seqlens: (B+1,) int32 sequence starts in the packed layout, 0 first and T last
         max_seqlen: a bound on every sequence's length, checked (0 or None: not given)
         returns out (B, S, H, Dv) | (T, H, Dv), and with ``return_lse`` also
-        lse (B, S, H) | (T, H) in float32 (float64 for float64 inputs)
+        lse (B, S, H) | (T, H) in float32 (float64 for float64 inputs), and with
+        ``return_max_logits`` also (last) max_logits (H,) in lse's dtype: per head the maximum of
+        ``softmax_scale * q·k`` over the visible (query, key) pairs of the call, -inf for a head
+        with none; not differentiable (docs/design.md §12, for QK-Clip)
 
     ``softmax_scale=None`` means ``(Dn+Dr) ** -0.5``; ``causal`` masks within each sequence. The
     attention core is chosen per call (:func:`torch_mla.use_backend`, :func:`torch_mla.explain`).
     """
     if softmax_scale is None:
         softmax_scale = default_softmax_scale(q)
-    out, lse = torch.ops.torch_mla.mla_attention(
+    out, lse, max_logits = torch.ops.torch_mla.mla_attention(
         q, kv_latent, k_rope, wkv_b, float(softmax_scale), bool(causal), cu_seqlens,
-        0 if max_seqlen is None else max_seqlen, current_backend(),
+        0 if max_seqlen is None else max_seqlen, current_backend(), bool(return_max_logits),
     )
-    return (out, lse) if return_lse else out
+    return select_outputs(out, lse, max_logits, return_lse, return_max_logits)
+
+
+def select_outputs(out, lse, max_logits, return_lse: bool, return_max_logits: bool):
+    """out, then lse and max_logits as asked for: a tensor alone, else a tuple."""
+    extra = ((lse,) if return_lse else ()) + ((max_logits,) if return_max_logits else ())
+    return (out, *extra) if extra else out

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .functional import mla_attention
-from .modules import latent_attention
+from .modules import keep_max_logits, latent_attention, max_logits_request
 from .q_latent import mla_attention_q_latent
 from .rope import apply_rope
 
@@ -202,10 +202,12 @@ def peft_latent_attention(attn: nn.Module, hidden_states: torch.Tensor, cos: tor
         out = mla_attention_q_latent(
             q_latent, wq_b, cos, sin, wide_latent, k_rope, wkv_b, num_heads=num_heads,
             softmax_scale=scale, rope_interleave=rope_interleave, cu_seqlens=cu_seqlens,
-            max_seqlen=max_seqlen)
+            max_seqlen=max_seqlen, **max_logits_request(attn))
     else:
         q_nope, q_rope = q.unflatten(-1, (num_heads, -1)).split([dim_nope, dim_rope], dim=-1)
         q_rope = apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2), rope_interleave)
         out = mla_attention(torch.cat((q_nope, q_rope), dim=-1), wide_latent, k_rope, wkv_b,
-                            softmax_scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                            softmax_scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                            **max_logits_request(attn))
+    out = keep_max_logits(attn, out)
     return attn.o_proj(out.flatten(-2)), kv_latent, k_rope

@@ -58,6 +58,8 @@ def latent_attention(
     `attention_core` (mla_attention's signature) serves when q is not kept as a latent.
     Under tensor parallelism (q_b_proj/q_proj and kv_b_proj sharded by rows, o_proj by columns,
     as DTensors) each rank attends with its own heads: the local shards of the weights.
+    When ``attn.record_max_logits`` is true, the call's per-head maximum logit (its local heads
+    under tensor parallelism) is stored in ``attn.max_logits`` (docs/design.md §12).
     """
     dim_rope = attn.qk_rope_head_dim
     latent_and_rope = attn.kv_a_proj_with_mqa(hidden_states)
@@ -68,6 +70,7 @@ def latent_attention(
     k_rope = tensor_parallel_input(k_rope, attn.kv_b_proj.weight)
     wkv_b = _local(attn.kv_b_proj.weight)
     num_heads = wkv_b.shape[0] // (attn.qk_nope_head_dim + attn.v_head_dim)
+    extra = max_logits_request(attn)
 
     if save_q_latent:
         # Without a q latent (q_lora_rank None), the hidden states are q's latent: already kept
@@ -82,7 +85,7 @@ def latent_attention(
         out = mla_attention_q_latent(
             q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, num_heads=num_heads,
             softmax_scale=scale, rope_interleave=rope_interleave, cu_seqlens=cu_seqlens,
-            max_seqlen=max_seqlen)
+            max_seqlen=max_seqlen, **extra)
     else:
         if attn.q_lora_rank is None:
             q = attn.q_proj(hidden_states)
@@ -92,16 +95,30 @@ def latent_attention(
             [attn.qk_nope_head_dim, dim_rope], dim=-1)
         q_rope = apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2), rope_interleave)
         out = attention_core(torch.cat((q_nope, q_rope), dim=-1), kv_latent, k_rope, wkv_b,
-                             softmax_scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                             softmax_scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **extra)
+    out = keep_max_logits(attn, out)
     # out (..., H, Dv) is contiguous: o_proj's input is a view of it, so the tensor the op saves
     # and the one o_proj saves share one storage.
     return attn.o_proj(out.flatten(-2)), kv_latent, k_rope
 
 
+def max_logits_request(attn: nn.Module) -> dict:
+    """The attention call's extra arguments: return_max_logits when ``attn.record_max_logits``."""
+    return dict(return_max_logits=True) if getattr(attn, "record_max_logits", False) else {}
+
+
+def keep_max_logits(attn: nn.Module, result):
+    """out of the attention call; stores its max_logits in ``attn.max_logits`` when recording."""
+    if not getattr(attn, "record_max_logits", False):
+        return result
+    out, attn.max_logits = result
+    return out
+
+
 def _context_parallel_core(q, kv_latent, k_rope, wkv_b, *, softmax_scale, group, cu_seqlens=None,
-                           max_seqlen=None):
+                           max_seqlen=None, return_max_logits=False):
     return context_parallel_mla_attention(q, kv_latent, k_rope, wkv_b, group=group,
-                                          softmax_scale=softmax_scale)
+                                          softmax_scale=softmax_scale, return_max_logits=return_max_logits)
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
@@ -141,6 +158,11 @@ class MultiHeadLatentAttention(nn.Module):
             ``"sdpa_recompute"``): HF-style attention on expanded K/V, same parameters.
         save_q_latent: save q's latent (Lq values per token; the hidden states when q_lora_rank
             is None) for backward instead of q (H·(Dn+Dr)), recomputing q in backward.
+        record_max_logits: after every forward, ``self.max_logits`` holds the (H,) float32 per-head
+            maximum of ``softmax_scale * q·k`` over the visible pairs (docs/design.md §12), for a
+            QK-Clip step; not differentiable, computed by the forward itself. Under context
+            parallelism it is the maximum over the group's ranks; under tensor parallelism each
+            rank holds its own heads' values, the heads of its weight shards. Off: no cost.
     """
 
     def __init__(
@@ -160,6 +182,7 @@ class MultiHeadLatentAttention(nn.Module):
         attention_bias: bool = False,
         attention_core: str = "torch_mla",
         save_q_latent: bool = True,
+        record_max_logits: bool = False,
         device=None,
         dtype=None,
     ):
@@ -186,6 +209,11 @@ class MultiHeadLatentAttention(nn.Module):
         self.attention_core = attention_core
         # Keeping q as a latent is torch_mla's op; the baselines attend on q itself.
         self.save_q_latent = save_q_latent and attention_core == "torch_mla"
+        if record_max_logits and attention_core != "torch_mla":
+            raise ValueError(f"record_max_logits needs attention_core='torch_mla', got {attention_core!r}")
+        self.record_max_logits = record_max_logits
+        #: The last forward's (H,) maximum logit per head when record_max_logits, else None.
+        self.max_logits: Optional[torch.Tensor] = None
         self.scaling = softmax_scale(self.qk_head_dim, self.rope_scaling)
 
         if q_lora_rank is None:

@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 
 from .backends import current_backend
+from .functional import select_outputs
 
 
 def mla_attention_q_latent(
@@ -23,6 +24,7 @@ def mla_attention_q_latent(
     cu_seqlens: Optional[torch.Tensor] = None,
     max_seqlen: Optional[int] = None,
     return_lse: bool = False,
+    return_max_logits: bool = False,
 ):
     """:func:`torch_mla.mla_attention` on ``q = rope(q_latent @ wq_b.T)``, saving q_latent instead of q.
 
@@ -35,15 +37,16 @@ def mla_attention_q_latent(
         wq_b:       (H*(Dn+Dr), Lq)
         cos, sin:   (B, S, Dr/2)  | (T, Dr/2), any float dtype (float32 recommended)
         kv_latent, k_rope, wkv_b, cu_seqlens, max_seqlen: as :func:`torch_mla.mla_attention`
-        returns out (B, S, H, Dv) | (T, H, Dv), and with ``return_lse`` also lse
+        returns out (B, S, H, Dv) | (T, H, Dv), and with ``return_lse`` also lse, with
+        ``return_max_logits`` also (last) max_logits (H,), as :func:`torch_mla.mla_attention`
 
     ``softmax_scale=None`` means ``(Dn+Dr) ** -0.5``.
     """
     if softmax_scale is None:
         softmax_scale = (wq_b.shape[0] // num_heads) ** -0.5
-    out, lse = torch.ops.torch_mla.mla_attention_q_latent(
+    out, lse, max_logits = torch.ops.torch_mla.mla_attention_q_latent(
         q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, int(num_heads), float(softmax_scale),
         bool(causal), bool(rope_interleave), cu_seqlens, 0 if max_seqlen is None else max_seqlen,
-        current_backend(),
+        current_backend(), bool(return_max_logits),
     )
-    return (out, lse) if return_lse else out
+    return select_outputs(out, lse, max_logits, return_lse, return_max_logits)

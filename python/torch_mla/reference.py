@@ -15,7 +15,7 @@ def expand_kv(kv_latent: torch.Tensor, wkv_b: torch.Tensor, num_heads: int, dim_
 
 
 def _attention_padded(q, kv_latent, k_rope, wkv_b, softmax_scale, causal):
-    """q (B, S, H, Dn+Dr) → out (B, S, H, Dv), lse (B, S, H)."""
+    """q (B, S, H, Dn+Dr) → out (B, S, H, Dv), lse (B, S, H), max_logits (H,)."""
     num_heads, dim_rope = q.shape[-2], k_rope.shape[-1]
     dim_nope = q.shape[-1] - dim_rope
     k_nope, v = expand_kv(kv_latent, wkv_b, num_heads, dim_nope)
@@ -26,9 +26,12 @@ def _attention_padded(q, kv_latent, k_rope, wkv_b, softmax_scale, causal):
         mask = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(mask, float("-inf"))
     lse = torch.logsumexp(scores.float() if scores.dtype != torch.float64 else scores, dim=-1)
+    # The maximum logit (docs/design.md §12): masked pairs are -inf, so they never win.
+    max_logits = scores.transpose(0, 1).flatten(1).amax(1) if scores.numel() else \
+        scores.new_full((scores.shape[1],), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bhst,bthd->bshd", probs, v)
-    return out, lse.transpose(1, 2)
+    return out, lse.transpose(1, 2), max_logits
 
 
 def mla_attention_reference(
@@ -41,21 +44,26 @@ def mla_attention_reference(
     causal: bool = True,
     cu_seqlens: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    return_max_logits: bool = False,
 ):
-    """Same arguments, shapes and results as :func:`torch_mla.mla_attention`."""
+    """Same arguments, shapes and results as :func:`torch_mla.mla_attention`; max_logits in
+    the scores' dtype (q's)."""
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     if cu_seqlens is None:
-        out, lse = _attention_padded(q, kv_latent, k_rope, wkv_b, softmax_scale, causal)
+        out, lse, max_logits = _attention_padded(q, kv_latent, k_rope, wkv_b, softmax_scale, causal)
     else:
         bounds = cu_seqlens.tolist()
         outs, lses = [], []
+        max_logits = q.new_full((q.shape[-2],), float("-inf"))
         for start, end in zip(bounds[:-1], bounds[1:]):
-            o, l = _attention_padded(q[None, start:end], kv_latent[None, start:end],
-                                     k_rope[None, start:end], wkv_b, softmax_scale, causal)
+            o, l, m = _attention_padded(q[None, start:end], kv_latent[None, start:end],
+                                        k_rope[None, start:end], wkv_b, softmax_scale, causal)
             outs.append(o[0])
             lses.append(l[0])
+            max_logits = torch.maximum(max_logits, m)
         dim_v = wkv_b.shape[0] // q.shape[-2] - (q.shape[-1] - k_rope.shape[-1])
         out = torch.cat(outs) if outs else q.new_empty(0, q.shape[-2], dim_v)
         lse = torch.cat(lses) if lses else q.new_empty(0, q.shape[-2], dtype=torch.float32)
-    return (out, lse) if return_lse else out
+    extra = ((lse,) if return_lse else ()) + ((max_logits,) if return_max_logits else ())
+    return (out, *extra) if extra else out

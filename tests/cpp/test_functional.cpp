@@ -1,6 +1,7 @@
 // torch_mla::mla_attention (C++ API) against the naive reference: forward, backward, varlen,
 // causal and not, options, argument errors, and what the autograd graph keeps alive.
 #include <cmath>
+#include <string>
 
 #include "test_support.h"  // torch, torch_mla and Catch, in the order they need
 
@@ -42,6 +43,23 @@ TEST_CASE("mla_attention's autograd node is torch_mla's C++ Function", "[functio
   CHECK_THAT(out.grad_fn()->name(), Catch::Contains("MlaAttentionFunction"));
   // Its inputs are exactly the four differentiable arguments.
   CHECK(out.grad_fn()->next_edges().size() == 4);
+}
+
+TEST_CASE("mla_attention_with_max_logits gives the reference's maximum logit per head", "[functional][max_logits]") {
+  const bool causal = GENERATE(true, false);
+  const std::string backend = GENERATE(as<std::string>{}, "cpu", "composed");
+  CAPTURE(causal, backend);
+  const Dims d;
+  const Inputs x = make_inputs(d, {2, 37}, torch::kDouble, 5);
+  const auto options = torch_mla::MlaOptions().causal(causal).backend(backend);
+  const auto [out, max_logits] = torch_mla::mla_attention_with_max_logits(x.q, x.kv_latent, x.k_rope, x.wkv_b, options);
+  const auto ref = naive_max_logits(x.q, x.kv_latent, x.k_rope, x.wkv_b, default_scale(d), causal);
+  REQUIRE(max_logits.sizes() == torch::IntArrayRef{d.heads});
+  CHECK(max_logits.scalar_type() == torch::kDouble);
+  CHECK_FALSE(max_logits.requires_grad());
+  CHECK(max_rel_err(max_logits, ref) <= 1e-12);
+  // The same out as the plain call.
+  CHECK(torch::equal(out, torch_mla::mla_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, options)));
 }
 
 TEST_CASE("mla_attention in float32 is within 1e-5 of the float64 reference", "[functional]") {
@@ -179,12 +197,13 @@ TEST_CASE("the autograd graph keeps only out and lse beyond its inputs", "[saved
   {
     const int64_t before = alloc.live_bytes();
     // The raw op (same dispatcher path and autograd Function) also hands back lse to measure it.
-    auto [out, lse] = torch_mla::mla_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, scale, true,
-                                               std::nullopt, c10::SymInt(0));
+    auto [out, lse, max_logits] = torch_mla::mla_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, scale, true,
+                                                           std::nullopt, c10::SymInt(0));
     ours = alloc.live_bytes() - before;
     // q, kv_latent, k_rope and wkv_b are saved by reference; the only new storage the graph
     // keeps is the op's own outputs. K and V (H*(Dn+Dv) per token) are not kept.
-    CHECK(ours == storage_bytes(out) + storage_bytes(lse));
+    CHECK(ours == storage_bytes(out) + storage_bytes(lse) + storage_bytes(max_logits));
+    CHECK(max_logits.numel() == 0);  // not asked for
     CHECK(out.grad_fn() != nullptr);
     // The graph is whole: backward still runs, and afterwards nothing is left behind.
     const auto grads = grads_of(out, x.list());

@@ -275,3 +275,24 @@ TEST_CASE("MultiHeadLatentAttention keeps at least K and V fewer bytes than expa
        << ", naive expanded K/V " << naive / tokens);
   CHECK(ours + kv_bytes <= naive);
 }
+
+TEST_CASE("MultiHeadLatentAttention records each forward's maximum logit when asked", "[module][max_logits]") {
+  auto o = small_options(true, true);
+  auto off = make_module(o, torch::kDouble, 0);
+  auto on = make_module(o.record_max_logits(true), torch::kDouble, 0);
+  torch::manual_seed(5);
+  const auto x = torch::randn({2, 9, 32}, torch::kDouble);
+  CHECK_FALSE(on->max_logits.defined());
+  // Recording changes nothing else, and costs nothing when off.
+  CHECK(torch::equal(on(x), off(x)));
+  CHECK_FALSE(off->max_logits.defined());
+  REQUIRE(on->max_logits.sizes() == torch::IntArrayRef{o.num_heads()});
+  CHECK_FALSE(on->max_logits.requires_grad());
+  const auto first = on->max_logits;
+  // A batch is the maximum of its sequences: each alone gives at most it, and one of them equals it.
+  on(x.narrow(0, 0, 1));
+  const auto a = on->max_logits;
+  on(x.narrow(0, 1, 1));
+  const auto b = on->max_logits;
+  CHECK(max_rel_err(torch::maximum(a, b), first) <= 1e-12);
+}

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace torch_mla_test {
@@ -45,10 +46,10 @@ inline torch::Tensor cu_seqlens_of(const std::vector<int32_t>& seqlens) {
   return torch::tensor(cu, torch::kInt);
 }
 
-// The specification, padded: q (B, S, H, Dn+Dr), ... -> out (B, S, H, Dv). Differentiable.
-inline torch::Tensor naive_mla(const torch::Tensor& q, const torch::Tensor& kv_latent,
-                               const torch::Tensor& k_rope, const torch::Tensor& wkv_b,
-                               double scale, bool causal) {
+// The specification's scaled, masked scores (B, H, S, S) and V (B, S, H, Dv), padded.
+inline std::pair<torch::Tensor, torch::Tensor> naive_scores(const torch::Tensor& q, const torch::Tensor& kv_latent,
+                                                            const torch::Tensor& k_rope, const torch::Tensor& wkv_b,
+                                                            double scale, bool causal) {
   using torch::indexing::Slice;
   const int64_t heads = q.size(-2), dim_rope = k_rope.size(-1), dim_nope = q.size(-1) - dim_rope;
   const auto kv = torch::matmul(kv_latent, wkv_b.t()).unflatten(-1, {heads, -1});
@@ -60,7 +61,22 @@ inline torch::Tensor naive_mla(const torch::Tensor& q, const torch::Tensor& kv_l
     const int64_t s = q.size(1);
     scores = scores.masked_fill(torch::ones({s, s}, torch::kBool).triu(1), -INFINITY);
   }
+  return {scores, v};
+}
+
+// The specification, padded: q (B, S, H, Dn+Dr), ... -> out (B, S, H, Dv). Differentiable.
+inline torch::Tensor naive_mla(const torch::Tensor& q, const torch::Tensor& kv_latent,
+                               const torch::Tensor& k_rope, const torch::Tensor& wkv_b,
+                               double scale, bool causal) {
+  const auto [scores, v] = naive_scores(q, kv_latent, k_rope, wkv_b, scale, causal);
   return torch::einsum("bhst,bthd->bshd", {torch::softmax(scores, -1), v});
+}
+
+// The specification's maximum logit per head (docs/design.md §12), padded: (H,).
+inline torch::Tensor naive_max_logits(const torch::Tensor& q, const torch::Tensor& kv_latent,
+                                      const torch::Tensor& k_rope, const torch::Tensor& wkv_b,
+                                      double scale, bool causal) {
+  return naive_scores(q, kv_latent, k_rope, wkv_b, scale, causal).first.transpose(0, 1).flatten(1).amax(1);
 }
 
 // Packed: each sequence of cu_seqlens through naive_mla on its own.

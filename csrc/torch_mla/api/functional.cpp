@@ -14,18 +14,36 @@ double default_softmax_scale(const at::Tensor& q) {
   return 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
 }
 
+namespace {
+
+// The dispatcher op reaches the Autograd kernel (our C++ autograd Function), then the device
+// kernel; lse is only needed by the backward, which the Function keeps itself.
+std::tuple<at::Tensor, at::Tensor> call_op(const at::Tensor& q, const at::Tensor& kv_latent, const at::Tensor& k_rope,
+                                           const at::Tensor& wkv_b, const MlaOptions& options, bool max_logits) {
+  const double scale = options.softmax_scale() ? *options.softmax_scale() : default_softmax_scale(q);
+  auto [out, lse, logits] = mla_attention(q, kv_latent, k_rope, wkv_b, scale, options.causal(), options.cu_seqlens(),
+                                          c10::SymInt(options.max_seqlen()), options.backend(), max_logits);
+  return {out, logits};
+}
+
+}  // namespace
+
 at::Tensor mla_attention(
     const at::Tensor& q,
     const at::Tensor& kv_latent,
     const at::Tensor& k_rope,
     const at::Tensor& wkv_b,
     const MlaOptions& options) {
-  const double scale = options.softmax_scale() ? *options.softmax_scale() : default_softmax_scale(q);
-  // The dispatcher op reaches the Autograd kernel (our C++ autograd Function), then the device
-  // kernel; lse is only needed by the backward, which the Function keeps itself.
-  auto [out, lse] = mla_attention(q, kv_latent, k_rope, wkv_b, scale, options.causal(),
-                                  options.cu_seqlens(), c10::SymInt(options.max_seqlen()), options.backend());
-  return out;
+  return std::get<0>(call_op(q, kv_latent, k_rope, wkv_b, options, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> mla_attention_with_max_logits(
+    const at::Tensor& q,
+    const at::Tensor& kv_latent,
+    const at::Tensor& k_rope,
+    const at::Tensor& wkv_b,
+    const MlaOptions& options) {
+  return call_op(q, kv_latent, k_rope, wkv_b, options, true);
 }
 
 std::string explain(

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 
 namespace torch_mla {
 
@@ -37,6 +38,16 @@ struct MlaOptions {
 //   wkv_b:     (H*(Dn+Dv), Dc), Hugging Face's kv_b_proj.weight (rows interleaved per head)
 //   returns out (B, S, H, Dv) | (T, H, Dv) in q's dtype
 at::Tensor mla_attention(
+    const at::Tensor& q,
+    const at::Tensor& kv_latent,
+    const at::Tensor& k_rope,
+    const at::Tensor& wkv_b,
+    const MlaOptions& options = {});
+
+// mla_attention and the per-head maximum attention logit of the same forward, for QK-Clip
+// (docs/design.md §12): returns (out, max_logits), max_logits (H,) float32 (float64 for float64
+// inputs), the maximum of softmax_scale·q·k over each head's visible pairs, not differentiable.
+std::tuple<at::Tensor, at::Tensor> mla_attention_with_max_logits(
     const at::Tensor& q,
     const at::Tensor& kv_latent,
     const at::Tensor& k_rope,

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numbers>
+#include <tuple>
 
 #include "torch_mla/api/functional.h"
 
@@ -215,12 +216,17 @@ at::Tensor MultiHeadLatentAttentionImpl::forward(
                                        sin.unsqueeze(-2), o.rope_interleave());
   q = at::cat({q.narrow(-1, 0, dim_nope), q_rope}, -1);
 
-  const at::Tensor out = mla_attention(q, kv_latent, k_rope, kv_b_proj->weight,
-                                       MlaOptions()
-                                           .softmax_scale(softmax_scale())
-                                           .causal(true)
-                                           .cu_seqlens(packed ? cu_seqlens : std::nullopt)
-                                           .max_seqlen(max_seqlen));
+  const MlaOptions attention = MlaOptions()
+                                   .softmax_scale(softmax_scale())
+                                   .causal(true)
+                                   .cu_seqlens(packed ? cu_seqlens : std::nullopt)
+                                   .max_seqlen(max_seqlen);
+  at::Tensor out;
+  if (o.record_max_logits()) {
+    std::tie(out, max_logits) = mla_attention_with_max_logits(q, kv_latent, k_rope, kv_b_proj->weight, attention);
+  } else {
+    out = mla_attention(q, kv_latent, k_rope, kv_b_proj->weight, attention);
+  }
   // A view of out: o_proj saves the op's own output, no second copy.
   return o_proj(out.flatten(-2));
 }

@@ -65,6 +65,9 @@ struct MultiHeadLatentAttentionOptions {
   TORCH_ARG(double, rms_norm_eps) = 1e-6;
   // Bias on q_a_proj, kv_a_proj_with_mqa and o_proj (never on q_proj, q_b_proj, kv_b_proj).
   TORCH_ARG(bool, attention_bias) = false;
+  // Keep each forward's per-head maximum attention logit in `max_logits`, for QK-Clip
+  // (docs/design.md §12); off: nothing is computed.
+  TORCH_ARG(bool, record_max_logits) = false;
 };
 
 class MultiHeadLatentAttentionImpl : public torch::nn::Cloneable<MultiHeadLatentAttentionImpl> {
@@ -102,6 +105,9 @@ class MultiHeadLatentAttentionImpl : public torch::nn::Cloneable<MultiHeadLatent
   RMSNorm kv_a_layernorm{nullptr};
   torch::nn::Linear kv_b_proj{nullptr};  // its weight is the op's wkv_b
   torch::nn::Linear o_proj{nullptr};
+  // With options.record_max_logits: the last forward's (H,) maximum of softmax_scale·q·k per head
+  // (float32; float64 for float64 modules), not differentiable; undefined before the first one.
+  at::Tensor max_logits;
 };
 TORCH_MODULE(MultiHeadLatentAttention);
 

@@ -8,7 +8,7 @@ namespace torch_mla {
 namespace {
 
 template <c10::DeviceType device_type>
-std::tuple<at::Tensor, at::Tensor> mla_attention_autocast(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_autocast(
     const at::Tensor& q,
     const at::Tensor& kv_latent,
     const at::Tensor& k_rope,
@@ -17,10 +17,11 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_autocast(
     bool causal,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    bool return_max_logits) {
   const AutocastScope<device_type> scope;
   return mla_attention(scope.cast(q), scope.cast(kv_latent), scope.cast(k_rope), scope.cast(wkv_b), softmax_scale,
-                       causal, cu_seqlens, std::move(max_seqlen), backend);
+                       causal, cu_seqlens, std::move(max_seqlen), backend, return_max_logits);
 }
 
 }  // namespace

@@ -9,7 +9,7 @@ namespace torch_mla {
 namespace {
 
 template <c10::DeviceType device_type>
-std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent_autocast(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_q_latent_autocast(
     const at::Tensor& q_latent,
     const at::Tensor& wq_b,
     const at::Tensor& cos,
@@ -23,11 +23,12 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent_autocast(
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    bool return_max_logits) {
   const AutocastScope<device_type> scope;
   return mla_attention_q_latent(scope.cast(q_latent), scope.cast(wq_b), cos, sin, scope.cast(kv_latent),
                                 scope.cast(k_rope), scope.cast(wkv_b), num_heads, softmax_scale, causal,
-                                rope_interleave, cu_seqlens, std::move(max_seqlen), backend);
+                                rope_interleave, cu_seqlens, std::move(max_seqlen), backend, return_max_logits);
 }
 
 }  // namespace

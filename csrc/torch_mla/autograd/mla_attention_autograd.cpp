@@ -1,5 +1,6 @@
 // Autograd for mla_attention, registered at the Autograd key (every device). The forward saves
-// only q, kv_latent, k_rope, wkv_b, out and lse (docs/design.md §3.4): per-head K and V never
+// only q, kv_latent, k_rope, wkv_b, out and lse (docs/design.md §3.4; max_logits is returned, never
+// saved, and not differentiable: §12): per-head K and V never
 // outlive the op, and the backward recomputes them from the latents. The forward picks the
 // attention core once and the backward runs the same one (docs/design.md §10.1).
 #include <torch/autograd.h>
@@ -27,12 +28,13 @@ class MlaAttentionFunction : public torch::autograd::Function<MlaAttentionFuncti
       bool causal,
       const std::optional<at::Tensor>& cu_seqlens,
       c10::SymInt max_seqlen,
-      c10::string_view backend) {
+      c10::string_view backend,
+      bool return_max_logits) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const MlaDims d = check_mla_inputs(q, kv_latent, k_rope, wkv_b, cu_seqlens);
     const std::string core = resolve_core_name(q, d.dim_nope, d.dim_rope, d.dim_v, d.varlen, std::string(backend));
-    auto [out, lse] =
-        mla_attention(q, kv_latent, k_rope, wkv_b, softmax_scale, causal, cu_seqlens, max_seqlen, core);
+    auto [out, lse, max_logits] = mla_attention(q, kv_latent, k_rope, wkv_b, softmax_scale, causal, cu_seqlens,
+                                                max_seqlen, core, return_max_logits);
     ctx->save_for_backward({q, kv_latent, k_rope, wkv_b, out, lse});
     ctx->saved_data["core"] = core;
     ctx->saved_data["softmax_scale"] = softmax_scale;
@@ -40,8 +42,8 @@ class MlaAttentionFunction : public torch::autograd::Function<MlaAttentionFuncti
     // cu_seqlens is (B+1,) int32 metadata, kept by reference like the scalars.
     ctx->saved_data["cu_seqlens"] = cu_seqlens;
     ctx->saved_data["max_seqlen"] = max_seqlen;
-    ctx->mark_non_differentiable({lse});
-    return {out, lse};
+    ctx->mark_non_differentiable({lse, max_logits});
+    return {out, lse, max_logits};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -55,7 +57,7 @@ class MlaAttentionFunction : public torch::autograd::Function<MlaAttentionFuncti
         ctx->saved_data["cu_seqlens"].toOptional<at::Tensor>(),
         ctx->saved_data["max_seqlen"].toSymInt(), ctx->saved_data["core"].toStringRef());
     return {grad_q, grad_kv_latent, grad_k_rope, grad_wkv_b,
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -91,7 +93,7 @@ class MlaAttentionBackwardFunction : public torch::autograd::Function<MlaAttenti
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> mla_attention_autograd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_autograd(
     const at::Tensor& q,
     const at::Tensor& kv_latent,
     const at::Tensor& k_rope,
@@ -100,10 +102,11 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_autograd(
     bool causal,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    bool return_max_logits) {
   auto result = MlaAttentionFunction::apply(q, kv_latent, k_rope, wkv_b, softmax_scale, causal,
-                                            cu_seqlens, std::move(max_seqlen), backend);
-  return {result[0], result[1]};
+                                            cu_seqlens, std::move(max_seqlen), backend, return_max_logits);
+  return {result[0], result[1], result[2]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_attention_backward_autograd(

@@ -32,7 +32,8 @@ class MlaAttentionQLatentFunction : public torch::autograd::Function<MlaAttentio
       bool rope_interleave,
       const std::optional<at::Tensor>& cu_seqlens,
       c10::SymInt max_seqlen,
-      c10::string_view backend) {
+      c10::string_view backend,
+      bool return_max_logits) {
     at::AutoDispatchBelowADInplaceOrView guard;
     check_q_latent_inputs(q_latent, wq_b, cos, sin, k_rope, num_heads, cu_seqlens);
     // The core is picked once, from the dims q will have: Dn+Dr = wq_b rows per head.
@@ -40,9 +41,9 @@ class MlaAttentionQLatentFunction : public torch::autograd::Function<MlaAttentio
     const std::string core = resolve_core_name(q_latent, dim_nope, dim_rope,
                                                wkv_b.sym_size(0) / num_heads - dim_nope,
                                                cu_seqlens.has_value() && cu_seqlens->defined(), std::string(backend));
-    auto [out, lse] = mla_attention_q_latent(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b,
-                                             num_heads, softmax_scale, causal, rope_interleave,
-                                             cu_seqlens, max_seqlen, core);
+    auto [out, lse, max_logits] = mla_attention_q_latent(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b,
+                                                         num_heads, softmax_scale, causal, rope_interleave,
+                                                         cu_seqlens, max_seqlen, core, return_max_logits);
     ctx->saved_data["core"] = core;
     ctx->save_for_backward({q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, out, lse});
     ctx->saved_data["num_heads"] = num_heads;
@@ -51,8 +52,8 @@ class MlaAttentionQLatentFunction : public torch::autograd::Function<MlaAttentio
     ctx->saved_data["rope_interleave"] = rope_interleave;
     ctx->saved_data["cu_seqlens"] = cu_seqlens;
     ctx->saved_data["max_seqlen"] = max_seqlen;
-    ctx->mark_non_differentiable({lse});
-    return {out, lse};
+    ctx->mark_non_differentiable({lse, max_logits});
+    return {out, lse, max_logits};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -81,11 +82,12 @@ class MlaAttentionQLatentFunction : public torch::autograd::Function<MlaAttentio
                                        rope_interleave, ctx->needs_input_grad(0),
                                        ctx->needs_input_grad(1), need_rope);
     return {g.q_latent, g.wq_b, g.cos, g.sin, grad_kv_latent, grad_k_rope, grad_wkv_b,
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent_autograd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_q_latent_autograd(
     const at::Tensor& q_latent,
     const at::Tensor& wq_b,
     const at::Tensor& cos,
@@ -99,11 +101,12 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_q_latent_autograd(
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    bool return_max_logits) {
   auto result = MlaAttentionQLatentFunction::apply(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b,
                                                    num_heads, softmax_scale, causal, rope_interleave,
-                                                   cu_seqlens, std::move(max_seqlen), backend);
-  return {result[0], result[1]};
+                                                   cu_seqlens, std::move(max_seqlen), backend, return_max_logits);
+  return {result[0], result[1], result[2]};
 }
 
 }  // namespace

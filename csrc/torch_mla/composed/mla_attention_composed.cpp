@@ -61,6 +61,9 @@ CoreOutputs composed_forward(const CoreProblem& p, const at::Tensor& q, const at
   const auto acc = lse_dtype(q.scalar_type());
   at::Tensor out = at::empty({T, H, p.dim_v}, q.options());
   at::Tensor lse = at::empty({T, H}, q.options().dtype(acc));
+  // max_logits from the scores this core materialises anyway (docs/design.md §12).
+  at::Tensor max_logits =
+      p.max_logits ? at::full({H}, -std::numeric_limits<double>::infinity(), lse.options()) : at::Tensor();
   for (const SeqSpan& seq : p.seqs.spans) {
     if (seq.len == 0) continue;
     const auto [rows, chunk_heads] = chunk_sizes(seq.len, H);
@@ -70,6 +73,10 @@ CoreOutputs composed_forward(const CoreProblem& p, const at::Tensor& q, const at
       for (int64_t q0 = 0; q0 < seq.len; q0 += rows) {
         const int64_t nq = std::min(rows, seq.len - q0);
         const at::Tensor s = scores(c, q0, nq, p.softmax_scale, p.causal);
+        if (p.max_logits) {
+          at::Tensor m = max_logits.narrow(0, h0, nh);
+          m.copy_(at::maximum(m, s.amax({1, 2})));
+        }
         const at::Tensor l = at::logsumexp(s, {-1});
         const at::Tensor o = at::bmm(s.sub_(l.unsqueeze(-1)).exp_(), c.v);
         out.narrow(0, seq.begin + q0, nq).narrow(1, h0, nh).copy_(o.transpose(0, 1));
@@ -77,7 +84,7 @@ CoreOutputs composed_forward(const CoreProblem& p, const at::Tensor& q, const at
       }
     }
   }
-  return {out, lse};
+  return {out, lse, max_logits};
 }
 
 CoreGrads composed_backward(const CoreProblem& p, const at::Tensor& grad_out, const at::Tensor& q,

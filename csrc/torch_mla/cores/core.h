@@ -7,7 +7,9 @@
 //   out    (T, H, Dv) in q's dtype, lse (T, H) in lse_dtype(q's dtype), natural log
 // and in backward grad_q (T, H, Dn+Dr), grad_kv (T, H, Dn+Dv), grad_k_rope (T, Dr) summed over
 // heads or (T, H, Dr) per head (the latent layer sums), any floating dtype. Cores are only called
-// with T > 0; sequences may have length 0.
+// with T > 0; sequences may have length 0. When CoreProblem::max_logits is set, a core that sees
+// its scores' row maxima also returns max_logits (H,) in lse's dtype; one that returns none gets
+// them from the shared fallback (max_logits.h, docs/design.md §12).
 #include <ATen/core/Tensor.h>
 
 #include <string>
@@ -24,10 +26,14 @@ struct CoreProblem {
   double softmax_scale;
   bool causal;
   bool deterministic;  // torch.are_deterministic_algorithms_enabled() at the call
+  bool max_logits;     // the caller asks for the per-head maximum logit (docs/design.md §12)
 };
 
 struct CoreOutputs {
   at::Tensor out, lse;
+  // (H,): per head the maximum of softmax_scale·q·k over the visible pairs; undefined when not
+  // asked for or when the core cannot see its scores.
+  at::Tensor max_logits;
 };
 
 struct CoreGrads {

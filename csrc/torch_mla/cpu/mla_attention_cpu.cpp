@@ -117,10 +117,10 @@ double visible_pairs(int64_t q0, int64_t rows, int64_t len, bool causal) {
   return (a + b) * static_cast<double>(rows) / 2;
 }
 
-template <typename scalar_t>
+// row_max_out: nullptr, or (T, H) acc_t for each row's running maximum (docs/design.md §12).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void forward_kernel(const CoreProblem& p, const at::Tensor& q, const at::Tensor& kv,
-                    const at::Tensor& k_rope, at::Tensor& out, at::Tensor& lse) {
-  using acc_t = at::opmath_type<scalar_t>;
+                    const at::Tensor& k_rope, at::Tensor& out, at::Tensor& lse, acc_t* row_max_out) {
   constexpr bool kConvert = !std::is_same_v<acc_t, scalar_t>;
   const int64_t H = p.heads, Dn = p.dim_nope, Dr = p.dim_rope, Dv = p.dim_v;
   const int64_t Dq = Dn + Dr, Dkv = Dn + Dv, ldq = H * Dq, ldkv = H * Dkv, ldo = H * Dv;
@@ -212,6 +212,8 @@ void forward_kernel(const CoreProblem& p, const at::Tensor& q, const at::Tensor&
         for (int64_t c = 0; c < Dv; ++c) o[c] = static_cast<scalar_t>(a[c] * inv);
         lse_ptr[(row0 + r) * H + h] = row_sum[r] > 0 ? row_max[r] + std::log(row_sum[r])
                                                      : -std::numeric_limits<acc_t>::infinity();
+        // The running maximum is of the scaled scores: max_logits' units.
+        if (row_max_out != nullptr) row_max_out[(row0 + r) * H + h] = row_max[r];
       }
     }
   });
@@ -366,11 +368,14 @@ CoreOutputs cpu_forward(const CoreProblem& p, const at::Tensor& q, const at::Ten
                         const at::Tensor& k_rope) {
   at::Tensor out = at::empty({p.seqs.tokens, p.heads, p.dim_v}, q.options());
   at::Tensor lse = at::empty({p.seqs.tokens, p.heads}, q.options().dtype(lse_dtype(q.scalar_type())));
+  // Each row's maximum, reduced over rows afterwards (a (T, H) pass, not one over the scores).
+  const at::Tensor row_max = p.max_logits ? at::empty_like(lse) : at::Tensor();
   const at::Tensor q3 = q.contiguous(), kv3 = kv.contiguous(), kr = k_rope.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mla_attention_cpu", [&] {
-    forward_kernel<scalar_t>(p, q3, kv3, kr, out, lse);
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t>(p, q3, kv3, kr, out, lse, p.max_logits ? row_max.mutable_data_ptr<acc_t>() : nullptr);
   });
-  return {out, lse};
+  return {out, lse, p.max_logits ? row_max.amax(0) : at::Tensor()};
 }
 
 CoreGrads cpu_backward(const CoreProblem& p, const at::Tensor& grad_out, const at::Tensor& q,

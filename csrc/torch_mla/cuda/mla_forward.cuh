@@ -196,7 +196,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) mla_forward_kernel(const 
   }
 
   // Epilogue: O / rowsum staged in this warp's own rows of sQ (only this warp reads them), then
-  // 16-byte stores; lse = max·ln 2 + ln(sum) in natural-log units.
+  // 16-byte stores; lse = max·ln 2 + ln(sum) in natural-log units, and when asked the row maximum
+  // max·ln 2 = max of softmax_scale·q·k (docs/design.md §12).
   constexpr float kLn2 = 0.693147180559945309f;
   float inv_sum[2];
   float lse[2];
@@ -216,7 +217,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) mla_forward_kernel(const 
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int r = g + 8 * i;
-      if (r < warp_rows) global_ref(&p.lse[(seq.begin + m0 + warp_m0 + r) * p.heads + h]) = lse[i];
+      if (r < warp_rows) {
+        const int64_t row = (seq.begin + m0 + warp_m0 + r) * p.heads + h;
+        global_ref(&p.lse[row]) = lse[i];
+        if (p.row_max != nullptr) global_ref(&p.row_max[row]) = row_max[i] * kLn2;
+      }
     }
   }
 }

@@ -115,15 +115,19 @@ CoreOutputs forward(Target& target, const CoreProblem& p, const at::Tensor& q, c
   params.out_row_stride = out.stride(0);
   params.out_head_stride = out.stride(1);
   params.lse = lse.data_ptr<float>();
+  // Per-row maxima from the epilogue, reduced to (H,) here (docs/design.md §12).
+  const at::Tensor row_max = p.max_logits ? at::empty_like(lse) : at::Tensor();
+  params.row_max = p.max_logits ? row_max.data_ptr<float>() : nullptr;
   target.memory(out, "out");
   target.memory(lse, "lse");
+  if (p.max_logits) target.memory(row_max, "row_max");
   const cudaStream_t stream = target.stream();
   target.run([&] {
     dispatch_tuned(q.scalar_type(), p.dim_nope + p.dim_rope, [&]<typename T, int kDimQK, int kDimV>() {
       cuda::run_mla_forward<T, kDimQK, kDimV>(params, stream);
     });
   });
-  return {out, lse};
+  return {out, lse, p.max_logits ? row_max.amax(0) : at::Tensor()};
 }
 
 template <typename Target>

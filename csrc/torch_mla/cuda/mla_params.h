@@ -35,6 +35,7 @@ struct MlaParams {
   void* out = nullptr;  // (T, H, Dv)
   int64_t out_row_stride = 0, out_head_stride = 0;
   float* lse = nullptr;  // (T, H), contiguous
+  float* row_max = nullptr;  // (T, H), contiguous: each row's max of softmax_scale·q·k; nullptr: not asked
 
   // Backward operands.
   const void* grad_out = nullptr;  // (T, H, Dv)

@@ -10,7 +10,7 @@
 namespace torch_mla {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> mla_attention_meta(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_meta(
     const at::Tensor& q,
     const at::Tensor& kv_latent,
     const at::Tensor& k_rope,
@@ -19,15 +19,18 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_meta(
     bool /*causal*/,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    bool return_max_logits) {
   const MlaDims d = check_mla_inputs(q, kv_latent, k_rope, wkv_b, cu_seqlens);
   check_max_seqlen_arg(max_seqlen);
   resolve_core_name(q, d.dim_nope, d.dim_rope, d.dim_v, d.varlen, std::string(backend));
   std::vector<c10::SymInt> out_shape(q.sym_sizes().begin(), q.sym_sizes().end());
   out_shape.back() = d.dim_v;
   std::vector<c10::SymInt> lse_shape(q.sym_sizes().begin(), q.sym_sizes().end() - 1);
-  return {at::empty_symint(out_shape, q.options()),
-          at::empty_symint(lse_shape, q.options().dtype(lse_dtype(q.scalar_type())))};
+  const auto stats = q.options().dtype(lse_dtype(q.scalar_type()));
+  const std::vector<c10::SymInt> max_logits_shape{return_max_logits ? d.heads : c10::SymInt(0)};
+  return {at::empty_symint(out_shape, q.options()), at::empty_symint(lse_shape, stats),
+          at::empty_symint(max_logits_shape, stats)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_attention_backward_meta(
