@@ -5,6 +5,7 @@
 #include "torch_mla/mla_attention_block.h"
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -132,8 +133,10 @@ BlockForward block_forward(
     c10::SymInt max_seqlen,
     c10::string_view backend) {
   BlockForward f;
-  if (is_given(q_norm_weight)) f.q_rstd = rms_norm_rstd(q_a, q_norm_eps);
-  f.kv_rstd = rms_norm_rstd(kv_a.narrow_symint(-1, 0, wkv_b.sym_size(1)), kv_norm_eps);
+  const at::Tensor kv_a_latent = kv_a.narrow_symint(-1, 0, wkv_b.sym_size(1));
+  f.q_rstd = is_given(q_norm_weight) ? rms_norm_rstd(q_a, q_norm_eps)
+                                     : at::empty({0}, q_a.options().dtype(at::toOpMathType(q_a.scalar_type())));
+  f.kv_rstd = rms_norm_rstd(kv_a_latent, kv_norm_eps);
   const BlockLatents l = block_latents(q_a, q_norm_weight, f.q_rstd, wq_b, kv_a, kv_norm_weight, f.kv_rstd,
                                        wkv_b, cos, sin, num_heads, rope_interleave);
   auto [out, lse] = mla_attention(l.q, l.kv_latent, l.k_rope, wkv_b, softmax_scale, causal, cu_seqlens,
@@ -172,6 +175,34 @@ at::Tensor mla_attention_block_composite(
       .y;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_block_with_rstd_composite(
+    const at::Tensor& q_a,
+    const std::optional<at::Tensor>& q_norm_weight,
+    const at::Tensor& wq_b,
+    const at::Tensor& kv_a,
+    const at::Tensor& kv_norm_weight,
+    const at::Tensor& wkv_b,
+    const at::Tensor& wo,
+    const std::optional<at::Tensor>& bo,
+    const at::Tensor& cos,
+    const at::Tensor& sin,
+    int64_t num_heads,
+    double softmax_scale,
+    double q_norm_eps,
+    double kv_norm_eps,
+    bool causal,
+    bool rope_interleave,
+    const std::optional<at::Tensor>& cu_seqlens,
+    c10::SymInt max_seqlen,
+    c10::string_view backend) {
+  check_block_inputs(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads,
+                     cu_seqlens);
+  BlockForward f = block_forward(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin,
+                                 num_heads, softmax_scale, q_norm_eps, kv_norm_eps, causal, rope_interleave,
+                                 cu_seqlens, std::move(max_seqlen), backend);
+  return {f.y, f.q_rstd, f.kv_rstd};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
@@ -181,10 +212,17 @@ TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
       "float softmax_scale, float q_norm_eps, float kv_norm_eps, bool causal, bool rope_interleave, "
       "Tensor? cu_seqlens, SymInt max_seqlen, str backend=\"auto\") -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_mla_attention_block_with_rstd(Tensor q_a, Tensor? q_norm_weight, Tensor wq_b, Tensor kv_a, "
+      "Tensor kv_norm_weight, Tensor wkv_b, Tensor wo, Tensor? bo, Tensor cos, Tensor sin, int num_heads, "
+      "float softmax_scale, float q_norm_eps, float kv_norm_eps, bool causal, bool rope_interleave, "
+      "Tensor? cu_seqlens, SymInt max_seqlen, str backend) -> (Tensor y, Tensor q_rstd, Tensor kv_rstd)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(torch_mla, CompositeExplicitAutograd, m) {
   m.impl("mla_attention_block", TORCH_FN(mla_attention_block_composite));
+  m.impl("_mla_attention_block_with_rstd", TORCH_FN(mla_attention_block_with_rstd_composite));
 }
 
 at::Tensor mla_attention_block(
@@ -210,6 +248,34 @@ at::Tensor mla_attention_block(
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_mla::mla_attention_block", "")
                        .typed<decltype(mla_attention_block)>();
+  return op.call(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads,
+                 softmax_scale, q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens,
+                 std::move(max_seqlen), backend);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_block_with_rstd(
+    const at::Tensor& q_a,
+    const std::optional<at::Tensor>& q_norm_weight,
+    const at::Tensor& wq_b,
+    const at::Tensor& kv_a,
+    const at::Tensor& kv_norm_weight,
+    const at::Tensor& wkv_b,
+    const at::Tensor& wo,
+    const std::optional<at::Tensor>& bo,
+    const at::Tensor& cos,
+    const at::Tensor& sin,
+    int64_t num_heads,
+    double softmax_scale,
+    double q_norm_eps,
+    double kv_norm_eps,
+    bool causal,
+    bool rope_interleave,
+    const std::optional<at::Tensor>& cu_seqlens,
+    c10::SymInt max_seqlen,
+    c10::string_view backend) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mla::_mla_attention_block_with_rstd", "")
+                       .typed<decltype(mla_attention_block_with_rstd)>();
   return op.call(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads,
                  softmax_scale, q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens,
                  std::move(max_seqlen), backend);

@@ -25,6 +25,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 
 namespace torch_mla {
 
@@ -71,11 +72,11 @@ BlockLatents block_latents(
     bool rope_interleave);
 
 struct BlockForward {
-  at::Tensor y, q_rstd, kv_rstd;
+  at::Tensor y, q_rstd, kv_rstd;  // q_rstd: (0,) without q_norm_weight
 };
 
-// The block's forward (checks included), attention through `backend`; the one code path of the
-// op's CompositeExplicitAutograd kernel and its autograd Function.
+// The block's forward (after check_block_inputs), attention through `backend`: the one code path
+// of the op's CompositeExplicitAutograd kernel and of _mla_attention_block_with_rstd.
 BlockForward block_forward(
     const at::Tensor& q_a,
     const std::optional<at::Tensor>& q_norm_weight,
@@ -118,5 +119,29 @@ at::Tensor mla_attention_block(
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
     c10::string_view backend = "auto");
+
+// The dispatcher op torch_mla::_mla_attention_block_with_rstd: (y, q_rstd, kv_rstd), checks
+// included, no autograd. What the autograd Function runs below the Autograd key (with the core it
+// resolved), so that tracing and schema checks see one op.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_block_with_rstd(
+    const at::Tensor& q_a,
+    const std::optional<at::Tensor>& q_norm_weight,
+    const at::Tensor& wq_b,
+    const at::Tensor& kv_a,
+    const at::Tensor& kv_norm_weight,
+    const at::Tensor& wkv_b,
+    const at::Tensor& wo,
+    const std::optional<at::Tensor>& bo,
+    const at::Tensor& cos,
+    const at::Tensor& sin,
+    int64_t num_heads,
+    double softmax_scale,
+    double q_norm_eps,
+    double kv_norm_eps,
+    bool causal,
+    bool rope_interleave,
+    const std::optional<at::Tensor>& cu_seqlens,
+    c10::SymInt max_seqlen,
+    c10::string_view backend);
 
 }  // namespace torch_mla

@@ -53,25 +53,41 @@ RmsNormGrads rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, co
 
 namespace {
 
-at::Tensor rms_norm_composite(const at::Tensor& x, const at::Tensor& weight, double eps) {
+std::tuple<at::Tensor, at::Tensor> rms_norm_with_rstd_composite(const at::Tensor& x, const at::Tensor& weight,
+                                                                 double eps) {
   check_rms_norm_inputs(x, weight, "torch_mla.rms_norm: ");
-  return rms_norm_apply(x, weight, rms_norm_rstd(x, eps));
+  at::Tensor rstd = rms_norm_rstd(x, eps);
+  return {rms_norm_apply(x, weight, rstd), rstd};
+}
+
+at::Tensor rms_norm_composite(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return std::get<0>(rms_norm_with_rstd_composite(x, weight, eps));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("_rms_norm_with_rstd(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)",
+        {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(torch_mla, CompositeExplicitAutograd, m) {
   m.impl("rms_norm", TORCH_FN(rms_norm_composite));
+  m.impl("_rms_norm_with_rstd", TORCH_FN(rms_norm_with_rstd_composite));
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_mla::rms_norm", "")
                        .typed<decltype(rms_norm)>();
+  return op.call(x, weight, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_with_rstd(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mla::_rms_norm_with_rstd", "")
+                       .typed<decltype(rms_norm_with_rstd)>();
   return op.call(x, weight, eps);
 }
 

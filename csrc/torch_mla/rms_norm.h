@@ -6,6 +6,8 @@
 // Its backward needs only x, the weight and rstd: nothing else of the forward is kept.
 #include <ATen/core/Tensor.h>
 
+#include <tuple>
+
 namespace torch_mla {
 
 // Checks x (…, N) and weight (N,) for the op named by `op` ("torch_mla.rms_norm: " …);
@@ -31,5 +33,9 @@ RmsNormGrads rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, co
 
 // The dispatcher op torch_mla::rms_norm (autograd included).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// The dispatcher op torch_mla::_rms_norm_with_rstd: (y, rstd), no autograd. What the autograd
+// Function runs below the Autograd key, so that tracing and schema checks see one op.
+std::tuple<at::Tensor, at::Tensor> rms_norm_with_rstd(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 }  // namespace torch_mla

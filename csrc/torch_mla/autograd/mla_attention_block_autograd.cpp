@@ -51,11 +51,11 @@ class MlaAttentionBlockFunction : public torch::autograd::Function<MlaAttentionB
     const BlockDims d = block_dims(wq_b, kv_a, wkv_b, num_heads);
     const std::string core = resolve_core_name(q_a, d.nope, d.rope, d.v,
                                                cu_seqlens.has_value() && cu_seqlens->defined(), std::string(backend));
-    BlockForward f = block_forward(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin,
-                                   num_heads, softmax_scale, q_norm_eps, kv_norm_eps, causal, rope_interleave,
-                                   cu_seqlens, max_seqlen, core);
+    auto [y, q_rstd, kv_rstd] = mla_attention_block_with_rstd(
+        q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads, softmax_scale,
+        q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens, max_seqlen, core);
     ctx->save_for_backward({q_a, q_norm_weight.value_or(at::Tensor()), wq_b, kv_a, kv_norm_weight, wkv_b, wo,
-                            cos, sin, f.q_rstd, f.kv_rstd});
+                            cos, sin, q_rstd, kv_rstd});
     ctx->saved_data["core"] = core;
     ctx->saved_data["has_bias"] = bo.has_value() && bo->defined();
     ctx->saved_data["num_heads"] = num_heads;
@@ -64,7 +64,7 @@ class MlaAttentionBlockFunction : public torch::autograd::Function<MlaAttentionB
     ctx->saved_data["rope_interleave"] = rope_interleave;
     ctx->saved_data["cu_seqlens"] = cu_seqlens;
     ctx->saved_data["max_seqlen"] = max_seqlen;
-    return f.y;
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {

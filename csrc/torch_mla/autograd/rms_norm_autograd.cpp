@@ -16,10 +16,9 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    check_rms_norm_inputs(x, weight, "torch_mla.rms_norm: ");
-    const at::Tensor rstd = rms_norm_rstd(x, eps);
+    auto [y, rstd] = rms_norm_with_rstd(x, weight, eps);
     ctx->save_for_backward({x, weight, rstd});
-    return rms_norm_apply(x, weight, rstd);
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
