@@ -12,11 +12,13 @@
 #include <cstdint>
 #include <optional>
 #include <ostream>
+#include <string>
 
 namespace torch_mla {
 
 // RMSNorm as Hugging Face's DeepseekV3RMSNorm: normalises in (at least) float32, casts back to the
-// input dtype, then scales by `weight` (ones at init).
+// input dtype, then scales by `weight` (ones at init). The op torch_mla::rms_norm: saves only x and
+// the per-row rstd for backward (docs/design.md §13.2).
 class RMSNormImpl : public torch::nn::Cloneable<RMSNormImpl> {
  public:
   explicit RMSNormImpl(int64_t dim, double eps = 1e-6);
@@ -65,6 +67,11 @@ struct MultiHeadLatentAttentionOptions {
   TORCH_ARG(double, rms_norm_eps) = 1e-6;
   // Bias on q_a_proj, kv_a_proj_with_mqa and o_proj (never on q_proj, q_b_proj, kv_b_proj).
   TORCH_ARG(bool, attention_bias) = false;
+  // What is kept for backward (docs/design.md §13.3): "q" (mla_attention: q, the latents, out,
+  // lse), "q_latent" (mla_attention_q_latent: q's latent instead of q) or "latent"
+  // (mla_attention_block: after q_a_proj and kv_a_proj_with_mqa only their outputs and the norms'
+  // statistics; q, out and o_proj's input are recomputed in backward).
+  TORCH_ARG(std::string, save) = "q";
 };
 
 class MultiHeadLatentAttentionImpl : public torch::nn::Cloneable<MultiHeadLatentAttentionImpl> {
