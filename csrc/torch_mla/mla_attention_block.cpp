@@ -137,8 +137,9 @@ BlockForward block_forward(
   f.q_rstd = is_given(q_norm_weight) ? rms_norm_rstd(q_a, q_norm_eps)
                                      : at::empty({0}, q_a.options().dtype(at::toOpMathType(q_a.scalar_type())));
   f.kv_rstd = rms_norm_rstd(kv_a_latent, kv_norm_eps);
-  const BlockLatents l = block_latents(q_a, q_norm_weight, f.q_rstd, wq_b, kv_a, kv_norm_weight, f.kv_rstd,
-                                       wkv_b, cos, sin, num_heads, rope_interleave);
+  BlockLatents l = block_latents(q_a, q_norm_weight, f.q_rstd, wq_b, kv_a, kv_norm_weight, f.kv_rstd, wkv_b, cos,
+                                 sin, num_heads, rope_interleave);
+  l.c_q = l.q_projected = at::Tensor();  // not needed past q: out of the attention's peak
   auto [out, lse] = mla_attention(l.q, l.kv_latent, l.k_rope, wkv_b, softmax_scale, causal, cu_seqlens,
                                   std::move(max_seqlen), backend);
   f.y = at::linear(out.flatten(-2), wo, bo);

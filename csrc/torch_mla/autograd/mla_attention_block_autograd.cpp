@@ -96,26 +96,31 @@ class MlaAttentionBlockFunction : public torch::autograd::Function<MlaAttentionB
 
     BlockLatents l = block_latents(q_a, q_norm_weight, q_rstd, wq_b, kv_a, kv_norm_weight, kv_rstd, wkv_b, cos,
                                    sin, ctx->saved_data["num_heads"].toInt(), rope_interleave);
+    // Every recomputed tensor is released as soon as its last use is done: they are this step's
+    // transient peak (docs/design.md §13.5).
+    if (!need_rope) l.q_projected = at::Tensor();
     auto [out, lse] = mla_attention(l.q, l.kv_latent, l.k_rope, wkv_b, softmax_scale, causal, cu_seqlens,
                                     max_seqlen, core);
 
-    // o_proj: y = out·woᵀ + bo.
-    const at::Tensor& grad_y = grad_outputs[0];
-    const at::Tensor grad_y_rows = grad_y.reshape_symint({-1, grad_y.sym_size(-1)});
-    if (need(kWo)) grads[kWo] = at::mm(grad_y_rows.t(), out.flatten(-2).reshape_symint({-1, wo.sym_size(1)}));
-    if (need(kBo)) grads[kBo] = grad_y_rows.sum(0);
-    const at::Tensor grad_out = at::matmul(grad_y, wo).view_symint(out.sym_sizes());
+    at::Tensor grad_out;
+    {  // o_proj: y = out·woᵀ + bo; the grad of y is not needed past it
+      const at::Tensor grad_y = std::move(grad_outputs[0]);
+      const at::Tensor grad_y_rows = grad_y.reshape_symint({-1, grad_y.sym_size(-1)});
+      if (need(kWo)) grads[kWo] = at::mm(grad_y_rows.t(), out.flatten(-2).reshape_symint({-1, wo.sym_size(1)}));
+      if (need(kBo)) grads[kBo] = grad_y_rows.sum(0);
+      grad_out = at::matmul(grad_y, wo).view_symint(out.sym_sizes());
+    }
 
     auto [grad_q, grad_kv_latent, grad_k_rope, grad_wkv_b] = mla_attention_backward(
         grad_out, l.q, l.kv_latent, l.k_rope, wkv_b, out, lse, softmax_scale, causal, cu_seqlens, max_seqlen, core);
     grads[kWkvB] = grad_wkv_b;
-    out = at::Tensor();
-    l.q = at::Tensor();
+    out = grad_out = l.q = l.kv_latent = l.k_rope = at::Tensor();
 
     const bool need_c_q = need(kQA) || need(kQNorm);
     ExpandQGrads gq = expand_q_backward(grad_q, l.q_projected, l.c_q, wq_b, cos, sin, rope_interleave, need_c_q,
                                         need(kWqB), need_rope);
     grads[kWqB] = gq.wq_b;
+    grad_q = l.q_projected = l.c_q = at::Tensor();
     if (need_c_q && q_norm_weight) {
       RmsNormGrads gn = rms_norm_backward(gq.q_latent, q_a, *q_norm_weight, q_rstd, need(kQA), need(kQNorm));
       grads[kQA] = gn.x;
