@@ -146,7 +146,8 @@ def _latent_only_block(attn: nn.Module, hidden_states: torch.Tensor, cos: torch.
         tensor_parallel_input(_local(kv_norm.weight), wkv_b_param),
         wkv_b, _local(wo_param), None if sharded or bias is None else bias, cos, sin,
         num_heads=wkv_b.shape[0] // (attn.qk_nope_head_dim + attn.v_head_dim), softmax_scale=scale,
-        q_norm_eps=1e-6 if q_norm is None else q_norm.variance_epsilon, kv_norm_eps=kv_norm.variance_epsilon,
+        q_norm_eps=q_norm.variance_epsilon if q_norm is not None else 1e-6,  # unused without the norm
+        kv_norm_eps=kv_norm.variance_epsilon,
         rope_interleave=rope_interleave, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     y = tensor_parallel_output(y, wo_param)
     return y + _local(bias) if sharded and bias is not None else y
