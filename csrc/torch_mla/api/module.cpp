@@ -9,6 +9,7 @@
 #include "torch_mla/api/functional.h"
 #include "torch_mla/mla_attention_block.h"
 #include "torch_mla/mla_attention_q_latent.h"
+#include "torch_mla/q_expand.h"
 #include "torch_mla/rms_norm.h"
 
 namespace torch_mla {
@@ -225,15 +226,17 @@ at::Tensor MultiHeadLatentAttentionImpl::forward(
         /*causal=*/true, o.rope_interleave(), cu, max_seqlen);
   }
   const at::Tensor kv_latent = kv_a_layernorm(compressed_kv.narrow(-1, 0, o.kv_lora_rank()));
-  const at::Tensor k_rope = apply_rope(compressed_kv.narrow(-1, o.kv_lora_rank(), dim_rope), cos,
-                                       sin, o.rope_interleave());
+  const at::Tensor k_rope_raw = compressed_kv.narrow(-1, o.kv_lora_rank(), dim_rope);
   const at::Tensor c_q = o.q_lora_rank() ? q_a_layernorm(q_a_proj(hidden_states)) : hidden_states;
   at::Tensor out;
   if (o.save() == "q_latent") {
+    // The op rotates q's pairs in place, so k_rope is rotated the same way (as one head of q).
+    const at::Tensor k_rope = rotate_q(k_rope_raw.unsqueeze(-2), half_cos, half_sin, o.rope_interleave()).squeeze(-2);
     out = std::get<0>(mla_attention_q_latent(c_q, wq_b, half_cos, half_sin, kv_latent, k_rope, kv_b_proj->weight,
                                              o.num_heads(), softmax_scale(), /*causal=*/true, o.rope_interleave(),
                                              cu, max_seqlen));
   } else {
+    const at::Tensor k_rope = apply_rope(k_rope_raw, cos, sin, o.rope_interleave());
     std::vector<int64_t> q_shape(lead.begin(), lead.end());
     q_shape.insert(q_shape.end(), {o.num_heads(), dim_nope + dim_rope});
     at::Tensor q = (o.q_lora_rank() ? q_b_proj(c_q) : q_proj(hidden_states)).view(q_shape);
