@@ -51,8 +51,12 @@ def block_spec(module, params, hidden_states, position_ids, cu_seqlens=None, ret
     kv = linear("kv_a_proj_with_mqa", hidden_states)
     kv_latent, k_rope = rms_norm("kv_a_layernorm", kv[..., :dc]), kv[..., dc:]
 
-    angles = position_ids[..., None].to(hidden_states.dtype) * m.inv_freq.to(hidden_states.dtype)
-    cos, sin = angles.cos() * m.attention_factor, angles.sin() * m.attention_factor
+    # Angles in at least float32 (a bf16 position would be off by whole radians), cos/sin then
+    # in the block's dtype: the naive low-precision spec of docs/design.md §8.
+    angle_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+    angles = position_ids[..., None].to(angle_dtype) * m.inv_freq.to(angle_dtype)
+    cos = (angles.cos() * m.attention_factor).to(hidden_states.dtype)
+    sin = (angles.sin() * m.attention_factor).to(hidden_states.dtype)
     cos, sin = cos.expand(*k_rope.shape[:-1], dr // 2), sin.expand(*k_rope.shape[:-1], dr // 2)
     q = torch.cat((q[..., :dn], rope_spec(q[..., dn:], cos.unsqueeze(-2), sin.unsqueeze(-2),
                                           m.rope_interleave)), -1)

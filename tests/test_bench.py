@@ -53,6 +53,9 @@ def test_saved_bytes_follow_what_each_method_keeps(run, seqlen):
     assert saved["hf_sdpa_ckpt"] == HIDDEN * f32
     # The q-latent op drops q, nothing else (q's latent is q_b_proj's input, saved anyway).
     assert saved["torch_mla"] - saved["torch_mla_qlatent"] == HEADS * (DN + DR) * f32
+    # The latent-only block keeps the block input, q_a_proj's output, kv_a_proj_with_mqa's output,
+    # cos and sin (float32, Dr/2 each) and the two norms' rstd.
+    assert saved["torch_mla_latent"] == (HIDDEN + Q_LORA + DC + DR) * f32 + DR * f32 + 2 * f32
     # Recomputing expansion and attention in backward saves all torch_mla saves but lse.
     assert saved["torch_mla"] - saved["up_proj_recompute"] == HEADS * f32
     # HF-style SDPA keeps the expanded K and V on top.

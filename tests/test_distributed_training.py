@@ -1,5 +1,8 @@
 """torch_mla inside PyTorch's distributed stack (gloo CPU ranks): DDP, FSDP2, head-sharded tensor
-parallelism and the module's context-parallel flag, each against a single-process run."""
+parallelism and the module's context-parallel flag, each against a single-process run of the
+default module (the latent-only block, save="latent", too: docs/design.md §13.4)."""
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,10 +18,12 @@ CONFIG = MLAConfig(vocab_size=32, hidden_size=64, num_layers=2, num_heads=4, q_l
 BATCH, SEQLEN = 4, 24
 
 
-def model_and_batch():
+def model_and_batch(save=None):
+    """The model (its attention's `save` as MultiHeadLatentAttention's; None: the default) and a batch."""
     torch.manual_seed(0)
     tokens = periodic_sequences(BATCH, SEQLEN, CONFIG.vocab_size, torch.Generator().manual_seed(1))
-    return MLATransformerLM(CONFIG), tokens
+    config = CONFIG if save is None else dataclasses.replace(CONFIG, extra=dict(save=save))
+    return MLATransformerLM(config), tokens
 
 
 def single_process_reference():
@@ -36,10 +41,10 @@ def assert_grads_match(grads, ref_grads):
         assert err <= 1e-5, f"{name}: max relative error {err:.3g}"
 
 
-def _ddp(rank, world):
+def _ddp(rank, world, save=None):
     from torch.nn.parallel import DistributedDataParallel
     ref_loss, ref_grads = single_process_reference()
-    model, tokens = model_and_batch()
+    model, tokens = model_and_batch(save)
     ddp = DistributedDataParallel(model)
     local = tokens.chunk(world)[rank]
     loss = next_token_loss(ddp(local), local)
@@ -49,11 +54,11 @@ def _ddp(rank, world):
     assert_grads_match({n: p.grad for n, p in model.named_parameters()}, ref_grads)
 
 
-def _fsdp2(rank, world):
+def _fsdp2(rank, world, save=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     ref_loss, ref_grads = single_process_reference()
-    model, tokens = model_and_batch()
+    model, tokens = model_and_batch(save)
     mesh = init_device_mesh("cpu", (world,))
     for layer in model.layers:
         fully_shard(layer, mesh=mesh)
@@ -66,12 +71,12 @@ def _fsdp2(rank, world):
     assert_grads_match(grads, ref_grads)
 
 
-def _tensor_parallel(rank, world):
+def _tensor_parallel(rank, world, save=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    parallelize_module)
     ref_loss, ref_grads = single_process_reference()
-    model, tokens = model_and_batch()
+    model, tokens = model_and_batch(save)
     mesh = init_device_mesh("cpu", (world,))
     for layer in model.layers:
         parallelize_module(layer.self_attn, mesh, {"q_b_proj": ColwiseParallel(),
@@ -116,6 +121,14 @@ def _context_parallel_module(rank, world):
                          ids=["ddp", "fsdp2", "tp", "context_parallel"])
 def test_matches_single_process(setup):
     run_ranks(setup, 2)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("setup", [_ddp, _fsdp2, _tensor_parallel], ids=["ddp", "fsdp2", "tp"])
+def test_latent_only_block_matches_single_process(setup):
+    """save="latent" under DDP, FSDP2 and head-sharded TP (o_proj row-parallel: the op's partial
+    sums reduced over the mesh) against the default module in one process."""
+    run_ranks(setup, 2, "latent")
 
 
 @pytest.mark.timeout(300)

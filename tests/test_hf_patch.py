@@ -47,13 +47,13 @@ def assert_fp32_matches(results, ref, tol=1e-5):
         assert err <= tol, f"{name}.grad: max relative error {err:.3g}"
 
 
-@pytest.mark.parametrize("save_q_latent", [True, False], ids=["q-latent", "q-saved"])
+@pytest.mark.parametrize("save", ["q_latent", "q", "latent"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_patched_matches_unpatched_fp32(case, save_q_latent):
+def test_patched_matches_unpatched_fp32(case, save):
     model = make_model(case)
     ids = token_ids()
     ref = logits_and_grads(clone_model(model, torch.float64), ids)
-    ours = logits_and_grads(patched_copy(model, save_q_latent=save_q_latent), ids)
+    ours = logits_and_grads(patched_copy(model, save=save), ids)
     unpatched = logits_and_grads(model, ids)
     assert_fp32_matches(ours, ref)
     assert_fp32_matches(unpatched, ref)  # the yardstick holds for HF itself
@@ -77,14 +77,14 @@ def test_patched_matches_unpatched_bf16(case):
         assert err <= 3 * naive, f"{name}.grad: {err:.3g} > 3 × HF bf16 {naive:.3g}"
 
 
-@pytest.mark.parametrize("save_q_latent", [True, False], ids=["q-latent", "q-saved"])
-def test_patched_under_autocast_bf16(save_q_latent):
+@pytest.mark.parametrize("save", ["q_latent", "q", "latent"])
+def test_patched_under_autocast_bf16(save):
     """fp32 weights under torch.autocast(bfloat16), the usual mixed-precision training set-up:
     the 2×/3× rule against the fp64 model, HF under the same autocast being the naive run."""
     model = make_model("v3-yarn-bias")
     ids = token_ids()
     ref_logits, ref_grads = logits_and_grads(clone_model(model, torch.float64), ids)
-    patched = patched_copy(model, save_q_latent=save_q_latent)
+    patched = patched_copy(model, save=save)
     naive_logits, naive_grads = logits_and_grads(model, ids, autocast=True)
     logits, grads = logits_and_grads(patched, ids, autocast=True)
     err, naive = max_abs_err(logits, ref_logits), max_abs_err(naive_logits, ref_logits)

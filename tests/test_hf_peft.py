@@ -92,6 +92,20 @@ def test_lora_only_on_consumed_projections(save_q_latent):
     assert_same(loss_and_adapter_grads(ours, ids), loss_and_adapter_grads(copy.deepcopy(ref).double(), ids))
 
 
+@pytest.mark.parametrize("target", ["q_b_proj", "kv_b_proj", "o_proj"])
+def test_latent_only_block_refuses_adapters_it_would_skip(target):
+    """save="latent" takes q_b_proj's, kv_b_proj's and o_proj's weights into one op: an adapter on
+    any of them is refused at patch time, and at forward when added after patching."""
+    torch.manual_seed(1)
+    with pytest.raises(ValueError, match=f"save='latent' takes {target}'s weight"):
+        torch_mla.patch_model(peft.get_peft_model(make_model("v3"), lora_config([target])), save="latent")
+    model = make_model("v3")
+    torch_mla.patch_model(model, save="latent")
+    late = peft.get_peft_model(model, lora_config([target]))
+    with pytest.raises(ValueError, match=f"save='latent' takes {target}'s weight"):
+        late(token_ids())
+
+
 @pytest.mark.parametrize("order", ["after", "before"])
 @pytest.mark.parametrize("case", ["v3", "v2-lite"])
 def test_lora_dropout_training(case, order):

@@ -8,7 +8,8 @@
 namespace torch_mla {
 
 // Checks the q-latent-only arguments (q_latent, wq_b, cos, sin, num_heads) against k_rope and
-// cu_seqlens; the rest is checked by mla_attention itself.
+// cu_seqlens; the rest is checked by mla_attention itself. `op` prefixes every message and
+// `q_latent_name` names the q_latent argument in it (the block op passes its own).
 void check_q_latent_inputs(
     const at::Tensor& q_latent,
     const at::Tensor& wq_b,
@@ -16,7 +17,9 @@ void check_q_latent_inputs(
     const at::Tensor& sin,
     const at::Tensor& k_rope,
     int64_t num_heads,
-    const std::optional<at::Tensor>& cu_seqlens);
+    const std::optional<at::Tensor>& cu_seqlens,
+    const char* op = "torch_mla.mla_attention_q_latent: ",
+    const char* q_latent_name = "q_latent");
 
 // q (…, H, Dn+Dr) = c_q · wq_bᵀ per head, q_rope not yet rotated; fresh and contiguous.
 at::Tensor project_q(const at::Tensor& q_latent, const at::Tensor& wq_b, int64_t num_heads);
@@ -25,6 +28,21 @@ at::Tensor project_q(const at::Tensor& q_latent, const at::Tensor& wq_b, int64_t
 // Dr = 2·cos.size(-1) dims) becomes (x1·cos − x2·sin, x2·cos + x1·sin), computed in float for
 // bf16/fp16. Pairs are (2i, 2i+1) with rope_interleave, else (i, i+Dr/2).
 at::Tensor rotate_q(const at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin, bool rope_interleave);
+
+struct RotateQGrads {
+  at::Tensor q, cos, sin;  // undefined where not asked for
+};
+
+// The vector-Jacobian product of rotate_q for grad_q (…, H, Dn+Dr): the grad of its unrotated
+// input q (need_q) and of cos and sin (need_rope, which reads q, the unrotated input).
+RotateQGrads rotate_q_backward(
+    const at::Tensor& grad_q,
+    const at::Tensor& q,
+    const at::Tensor& cos,
+    const at::Tensor& sin,
+    bool rope_interleave,
+    bool need_q,
+    bool need_rope);
 
 struct ExpandQGrads {
   at::Tensor q_latent, wq_b, cos, sin;  // undefined where not asked for

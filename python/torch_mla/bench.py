@@ -12,6 +12,8 @@ Suites:
 Methods (the same parameters and the same function; they differ in what they keep and redo):
   torch_mla          torch_mla's op: saves the latents, q, out, lse; recomputes K/V in backward
   torch_mla_qlatent  torch_mla's q-latent op: q's latent saved instead of q
+  torch_mla_latent   torch_mla's latent-only block op (save="latent"): saves the block's input,
+                     the pre-norm latents and the norms' statistics; reruns the attention forward
   hf_eager           HF "eager": K/V expanded per head, full score matrix and softmax
   hf_sdpa            HF "sdpa": K/V expanded per head, scaled_dot_product_attention
   hf_sdpa_ckpt       hf_sdpa with the whole block under torch.utils.checkpoint
@@ -60,18 +62,19 @@ MIB = 2 ** 20
 @dataclass(frozen=True)
 class Method:
     core: str            # MultiHeadLatentAttention's attention_core
-    save_q_latent: bool
+    save: str            # MultiHeadLatentAttention's save
     checkpoint_block: bool
     label: str
 
 
 METHODS: Dict[str, Method] = {
-    "torch_mla": Method("torch_mla", False, False, "torch_mla"),
-    "torch_mla_qlatent": Method("torch_mla", True, False, "torch_mla + q latent"),
-    "hf_eager": Method("eager", False, False, "HF-style eager"),
-    "hf_sdpa": Method("sdpa", False, False, "HF-style SDPA"),
-    "hf_sdpa_ckpt": Method("sdpa", False, True, "HF-style SDPA + checkpointed block"),
-    "up_proj_recompute": Method("sdpa_recompute", False, False, "up-projection recompute (Megatron-style)"),
+    "torch_mla": Method("torch_mla", "q", False, "torch_mla"),
+    "torch_mla_qlatent": Method("torch_mla", "q_latent", False, "torch_mla + q latent"),
+    "torch_mla_latent": Method("torch_mla", "latent", False, "torch_mla latent-only block"),
+    "hf_eager": Method("eager", "q", False, "HF-style eager"),
+    "hf_sdpa": Method("sdpa", "q", False, "HF-style SDPA"),
+    "hf_sdpa_ckpt": Method("sdpa", "q", True, "HF-style SDPA + checkpointed block"),
+    "up_proj_recompute": Method("sdpa_recompute", "q", False, "up-projection recompute (Megatron-style)"),
 }
 
 PRESETS = {
@@ -140,7 +143,7 @@ def make_block(spec: Spec, method: Method) -> torch.nn.Module:
     return MultiHeadLatentAttention(
         hidden_size=spec.hidden, num_heads=spec.heads, q_lora_rank=spec.q_lora_rank,
         kv_lora_rank=dc, qk_nope_head_dim=dn, qk_rope_head_dim=dr, v_head_dim=dv,
-        attention_core=method.core, save_q_latent=method.save_q_latent,
+        attention_core=method.core, save=method.save,
         device=spec.device, dtype=spec.torch_dtype)
 
 

@@ -45,6 +45,30 @@ def tensor_parallel_input(x: torch.Tensor, sharded_weight: torch.Tensor) -> torc
     return _SumGradOverGroup.apply(x, mesh.get_group())
 
 
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce forward, identity backward (Megatron's "reduce from the tensor-parallel region")."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def tensor_parallel_output(partial: torch.Tensor, sharded_weight: torch.Tensor) -> torch.Tensor:
+    """The sum over `sharded_weight`'s mesh of each rank's partial result (a row-parallel layer
+    such as o_proj on head-sharded input computed from the local shard); when the weight is not a
+    DTensor, `partial` is the whole result and is returned as is."""
+    mesh = getattr(sharded_weight, "device_mesh", None)
+    if mesh is None:
+        return partial
+    return _SumOverGroup.apply(partial, mesh.get_group())
+
+
 def _chunk_ids(rank: int, world: int):
     return rank, 2 * world - 1 - rank
 

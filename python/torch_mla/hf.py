@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .hf_peft import check_adapters, peft_latent_attention
+from .modules import resolve_save
 
 _ATTENTION_CLASSES = (
     ("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2Attention"),
@@ -36,7 +37,7 @@ def _attention_classes() -> Tuple[type, ...]:
     return tuple(classes)
 
 
-def patch_model(model: nn.Module, *, save_q_latent: bool = True) -> int:
+def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[str] = None) -> int:
     """Routes every DeepSeek-V2/V3 attention of a transformers model through torch_mla.
 
     The attention modules keep their parameters; only their forward changes. Supported inputs:
@@ -58,9 +59,13 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True) -> int:
     low-rank activations join the latent the op saves. Adapter kinds it cannot honour (DoRA,
     LoRA variants, lora_bias, other tuners) raise ValueError here or at forward.
 
-    save_q_latent: keep q's latent rather than q for backward (see MultiHeadLatentAttention).
+    save_q_latent, save: what is kept for backward, as MultiHeadLatentAttention's (``save`` one of
+    ``"q"``, ``"q_latent"``, ``"latent"``; None: from ``save_q_latent``). With ``"latent"`` a call
+    that writes a KV cache runs as ``"q_latent"`` (the cache takes the latents, which the block op
+    does not return), and no PEFT adapter on q_b_proj/q_proj, kv_b_proj or o_proj is honoured.
     Returns the number of attention modules patched by this call (already patched ones are skipped).
     """
+    save = resolve_save(save, save_q_latent)
     classes = _attention_classes()
     count = 0
     for module in model.modules() if classes else ():
@@ -74,9 +79,9 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True) -> int:
             bias = getattr(getattr(linear, "base_layer", linear), "bias", None)
             if bias is not None:
                 raise ValueError(f"torch_mla.patch_model: {name} has a bias, which the op does not take")
-        check_adapters(module, save_q_latent)
+        check_adapters(module, save)
         module._torch_mla_patched = True
-        module._torch_mla_save_q_latent = save_q_latent
+        module._torch_mla_save = save
         module.forward = types.MethodType(_forward, module)
         count += 1
         implementation = getattr(config, "_attn_implementation", None)
@@ -154,8 +159,10 @@ def _forward(self, hidden_states, *, position_embeddings=None, attention_mask=No
     cos, sin, interleave, hf_deinterleaves = _rotation(self, position_embeddings)
     half = self.qk_rope_head_dim // 2
     cos, sin = cos.expand(batch, seqlen, half), sin.expand(batch, seqlen, half)
-    run = dict(scale=self.scaling, rope_interleave=interleave,
-               save_q_latent=self._torch_mla_save_q_latent)
+    save = self._torch_mla_save
+    if save == "latent" and cache is not None:
+        save = "q_latent"  # the cache takes kv_latent and k_rope, which the block op does not return
+    run = dict(scale=self.scaling, rope_interleave=interleave, save=save)
     tokens = batch * seqlen
     if layout.cu_seqlens is None:
         out, kv_latent, k_rope = peft_latent_attention(self, hidden_states, cos, sin, **run)

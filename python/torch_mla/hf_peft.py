@@ -19,12 +19,25 @@ from .q_latent import mla_attention_q_latent
 from .rope import apply_rope
 
 
-def _consumed(attn: nn.Module, save_q_latent: bool) -> List[str]:
-    """Names of the attention's projections the op takes as weights (not called as modules)."""
+def _consumed(attn: nn.Module, save: str) -> List[str]:
+    """Names of the attention's projections the op takes as weights (not called as modules);
+    `save` as MultiHeadLatentAttention's."""
     names = ["kv_b_proj"]
-    if save_q_latent:
+    if save != "q":
         names.append("q_proj" if attn.q_lora_rank is None else "q_b_proj")
+    if save == "latent":
+        names.append("o_proj")
     return names
+
+
+def _refuse_latent(attn: nn.Module, save: str) -> None:
+    """The latent-only block op takes no adapters' activations: ValueError if one is there."""
+    if save != "latent":
+        return
+    for name in _consumed(attn, save):
+        if hasattr(getattr(attn, name, None), "base_layer"):
+            raise ValueError(f"torch_mla.patch_model: save='latent' takes {name}'s weight into one block "
+                             "op, which cannot apply a PEFT adapter on it; use save='q_latent'")
 
 
 def _is_lora_linear(module: nn.Module) -> bool:
@@ -72,10 +85,11 @@ def _check_module(name: str, module: Optional[nn.Module], adapters=None) -> None
             _check_adapter(name, module, adapter)
 
 
-def check_adapters(attn: nn.Module, save_q_latent: bool) -> None:
+def check_adapters(attn: nn.Module, save: str) -> None:
     """At patch time: ValueError if a consumed projection carries an adapter kind the op cannot
     honour (checked again at every forward, for adapters added after patching)."""
-    for name in _consumed(attn, save_q_latent):
+    _refuse_latent(attn, save)
+    for name in _consumed(attn, save):
         _check_module(name, getattr(attn, name, None))
 
 
@@ -171,16 +185,18 @@ def _widen_by_cat(module, adapters, x, weight):
 
 def peft_latent_attention(attn: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor,
                           sin: torch.Tensor, *, scale: float, rope_interleave: bool,
-                          save_q_latent: bool, cu_seqlens: Optional[torch.Tensor] = None,
+                          save: str, cu_seqlens: Optional[torch.Tensor] = None,
                           max_seqlen: Optional[int] = None):
     """:func:`torch_mla.modules.latent_attention` (same arguments and returns: output, the
     kv latent c and the rotated k_rope, unwidened, for the cache), honouring PEFT LoRA layers
     on the consumed projections. Without any PEFT layer there, latent_attention itself runs."""
-    names = _consumed(attn, save_q_latent)
+    _refuse_latent(attn, save)
+    names = _consumed(attn, save)
     if not any(hasattr(getattr(attn, n), "base_layer") for n in names):
         return latent_attention(attn, hidden_states, cos, sin, scale=scale,
-                                rope_interleave=rope_interleave, save_q_latent=save_q_latent,
+                                rope_interleave=rope_interleave, save=save,
                                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    save_q_latent = save == "q_latent"
     dim_nope, dim_rope = attn.qk_nope_head_dim, attn.qk_rope_head_dim
     # q first, as HF's forward: LoRA dropout masks are drawn in the same order.
     q_name = "q_proj" if attn.q_lora_rank is None else "q_b_proj"

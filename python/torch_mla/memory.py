@@ -18,10 +18,13 @@ class SavedTensors:
 
     def __init__(self):
         self.storages: Dict[Tuple[torch.device, int], int] = {}
+        self.dtypes: Dict[Tuple[torch.device, int], torch.dtype] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.storages[self._key(tensor)] = tensor.untyped_storage().nbytes()
+        key = self._key(tensor)
+        self.storages[key] = tensor.untyped_storage().nbytes()
+        self.dtypes.setdefault(key, tensor.dtype)
         return tensor
 
     @staticmethod
@@ -47,3 +50,13 @@ class SavedTensors:
         """Saved bytes without the storages of `tensors` (e.g. the parameters)."""
         skip = {self._key(t) for t in tensors}
         return sum(n for k, n in self.storages.items() if k not in skip)
+
+    def nbytes_by_dtype(self, *excluding: torch.Tensor) -> Dict[torch.dtype, int]:
+        """Saved bytes per dtype (of the tensor saved first on each storage), without the storages
+        of `excluding`."""
+        skip = {self._key(t) for t in excluding}
+        totals: Dict[torch.dtype, int] = {}
+        for key, n in self.storages.items():
+            if key not in skip:
+                totals[self.dtypes[key]] = totals.get(self.dtypes[key], 0) + n
+        return totals

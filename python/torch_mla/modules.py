@@ -11,15 +11,34 @@ import torch
 from torch import nn
 
 from .baselines import ATTENTION_CORES
-from .distributed import context_parallel_mla_attention, shard_positions, tensor_parallel_input
+from .block import mla_attention_block, rms_norm
+from .distributed import (context_parallel_mla_attention, shard_positions, tensor_parallel_input,
+                          tensor_parallel_output)
 from .functional import mla_attention
 from .q_latent import mla_attention_q_latent
 from .rope import apply_rope, rope_cos_sin, rope_frequencies, rope_type, softmax_scale
 
 
+#: What MultiHeadLatentAttention keeps for backward (docs/design.md §13.3): "q" — q, the latents,
+#: out, lse (mla_attention); "q_latent" — q's latent instead of q (mla_attention_q_latent);
+#: "latent" — only the block's input, the pre-norm latents and the norms' statistics
+#: (mla_attention_block: q, out and o_proj's input recomputed in backward).
+SAVE_CHOICES = ("q", "q_latent", "latent")
+
+
+def resolve_save(save: Optional[str], save_q_latent: bool) -> str:
+    """`save` checked, or from the older flag `save_q_latent` when None."""
+    if save is None:
+        return "q_latent" if save_q_latent else "q"
+    if save not in SAVE_CHOICES:
+        raise ValueError(f"save must be one of {SAVE_CHOICES} (or None), got {save!r}")
+    return save
+
+
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed as Hugging Face's DeepSeek RMSNorm (in float32, the weight
-    applied in the input dtype)."""
+    """Root-mean-square norm, computed as Hugging Face's DeepSeek RMSNorm (statistics in float32,
+    the weight applied in the input dtype) by the op ``torch_mla::rms_norm``, which saves only its
+    input and the per-row rstd for backward (docs/design.md §13.2)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
         super().__init__()
@@ -27,11 +46,7 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -45,22 +60,30 @@ def latent_attention(
     *,
     scale: float,
     rope_interleave: bool,
-    save_q_latent: bool,
+    save: str,
     cu_seqlens: Optional[torch.Tensor] = None,
     max_seqlen: Optional[int] = None,
     attention_core: Callable[..., torch.Tensor] = mla_attention,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The attention block of `attn`, any module with Hugging Face's DeepSeek attention
     submodules and sizes (ours, or a transformers ``DeepseekV2/V3Attention``), through torch_mla.
 
     hidden_states (B, S, hidden) | packed (T, hidden) with cu_seqlens; cos, sin (B, S, Dr/2) |
-    (T, Dr/2). Returns (output like hidden_states, kv_latent (..., Dc), k_rope (..., Dr) rotated).
-    `attention_core` (mla_attention's signature) serves when q is not kept as a latent.
+    (T, Dr/2). Returns (output like hidden_states, kv_latent (..., Dc), k_rope (..., Dr) rotated);
+    with ``save="latent"`` the block runs as one op (mla_attention_block) and the latents are not
+    returned (None, None). `save`: one of SAVE_CHOICES. `attention_core` (mla_attention's
+    signature) serves ``save="q"``.
     Under tensor parallelism (q_b_proj/q_proj and kv_b_proj sharded by rows, o_proj by columns,
     as DTensors) each rank attends with its own heads: the local shards of the weights.
     When ``attn.record_max_logits`` is true, the call's per-head maximum logit (its local heads
     under tensor parallelism) is stored in ``attn.max_logits`` (docs/design.md §12).
     """
+    if save == "latent":
+        if getattr(attn, "record_max_logits", False):
+            raise ValueError("record_max_logits needs save='q' or save='q_latent': the latent-only block "
+                             "(save='latent') does not return max logits")
+        return _latent_only_block(attn, hidden_states, cos, sin, scale=scale, rope_interleave=rope_interleave,
+                                  cu_seqlens=cu_seqlens, max_seqlen=max_seqlen), None, None
     dim_rope = attn.qk_rope_head_dim
     latent_and_rope = attn.kv_a_proj_with_mqa(hidden_states)
     kv_latent, k_rope = latent_and_rope.split([attn.kv_lora_rank, dim_rope], dim=-1)
@@ -72,7 +95,7 @@ def latent_attention(
     num_heads = wkv_b.shape[0] // (attn.qk_nope_head_dim + attn.v_head_dim)
     extra = max_logits_request(attn)
 
-    if save_q_latent:
+    if save == "q_latent":
         # Without a q latent (q_lora_rank None), the hidden states are q's latent: already kept
         # for kv_a_proj_with_mqa's backward, so q costs nothing extra.
         if attn.q_lora_rank is None:
@@ -113,6 +136,40 @@ def keep_max_logits(attn: nn.Module, result):
         return result
     out, attn.max_logits = result
     return out
+
+def _latent_only_block(attn: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                       scale: float, rope_interleave: bool, cu_seqlens: Optional[torch.Tensor],
+                       max_seqlen: Optional[int]) -> torch.Tensor:
+    """latent_attention with ``save="latent"``: q_a_proj and kv_a_proj_with_mqa as modules (they
+    keep the hidden states for their weights' grads), everything after them in mla_attention_block.
+
+    Under tensor parallelism each rank runs its heads on the local weight shards: q_a, kv_a and the
+    norm weights are replicated inputs of the head-sharded op (their grads summed over the mesh),
+    and o_proj's product on the rank's heads is a partial sum, reduced before o_proj's bias is added
+    (as RowwiseParallel does).
+    """
+    if attn.q_lora_rank is None:
+        wq_b_param, q_a, q_norm = attn.q_proj.weight, hidden_states, None
+    else:
+        wq_b_param, q_a, q_norm = attn.q_b_proj.weight, attn.q_a_proj(hidden_states), attn.q_a_layernorm
+    wkv_b_param, wo_param = attn.kv_b_proj.weight, attn.o_proj.weight
+    kv_norm = attn.kv_a_layernorm
+    wkv_b = _local(wkv_b_param)
+    sharded = getattr(wo_param, "device_mesh", None) is not None
+    bias = attn.o_proj.bias
+    y = mla_attention_block(
+        tensor_parallel_input(q_a, wq_b_param),
+        None if q_norm is None else tensor_parallel_input(_local(q_norm.weight), wq_b_param),
+        _local(wq_b_param),
+        tensor_parallel_input(attn.kv_a_proj_with_mqa(hidden_states), wkv_b_param),
+        tensor_parallel_input(_local(kv_norm.weight), wkv_b_param),
+        wkv_b, _local(wo_param), None if sharded or bias is None else bias, cos, sin,
+        num_heads=wkv_b.shape[0] // (attn.qk_nope_head_dim + attn.v_head_dim), softmax_scale=scale,
+        q_norm_eps=q_norm.variance_epsilon if q_norm is not None else 1e-6,  # unused without the norm
+        kv_norm_eps=kv_norm.variance_epsilon,
+        rope_interleave=rope_interleave, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    y = tensor_parallel_output(y, wo_param)
+    return y + _local(bias) if sharded and bias is not None else y
 
 
 def _context_parallel_core(q, kv_latent, k_rope, wkv_b, *, softmax_scale, group, cu_seqlens=None,
@@ -163,6 +220,14 @@ class MultiHeadLatentAttention(nn.Module):
             QK-Clip step; not differentiable, computed by the forward itself. Under context
             parallelism it is the maximum over the group's ranks; under tensor parallelism each
             rank holds its own heads' values, the heads of its weight shards. Off: no cost.
+
+        save: what the block keeps for backward, one of :data:`SAVE_CHOICES` — ``"q"``,
+            ``"q_latent"`` (what ``save_q_latent`` True/False select; None: take it from
+            ``save_q_latent``) or ``"latent"``: the whole block after q_a_proj and
+            kv_a_proj_with_mqa in one op (:func:`torch_mla.block.mla_attention_block`) that keeps
+            only the hidden states, the pre-norm latents and the norms' statistics, and
+            recomputes q, the attention's out and o_proj's input in backward (docs/design.md §13).
+            Not with context parallelism (ValueError at forward).
     """
 
     def __init__(
@@ -183,6 +248,8 @@ class MultiHeadLatentAttention(nn.Module):
         attention_core: str = "torch_mla",
         save_q_latent: bool = True,
         record_max_logits: bool = False,
+
+        save: Optional[str] = None,
         device=None,
         dtype=None,
     ):
@@ -207,13 +274,14 @@ class MultiHeadLatentAttention(nn.Module):
         if attention_core not in ATTENTION_CORES:
             raise ValueError(f"attention_core must be one of {sorted(ATTENTION_CORES)}, got {attention_core!r}")
         self.attention_core = attention_core
-        # Keeping q as a latent is torch_mla's op; the baselines attend on q itself.
-        self.save_q_latent = save_q_latent and attention_core == "torch_mla"
         if record_max_logits and attention_core != "torch_mla":
             raise ValueError(f"record_max_logits needs attention_core='torch_mla', got {attention_core!r}")
         self.record_max_logits = record_max_logits
         #: The last forward's (H,) maximum logit per head when record_max_logits, else None.
         self.max_logits: Optional[torch.Tensor] = None
+
+        # Keeping q as a latent is torch_mla's op; the baselines attend on q itself.
+        self.save = resolve_save(save, save_q_latent) if attention_core == "torch_mla" else "q"
         self.scaling = softmax_scale(self.qk_head_dim, self.rope_scaling)
 
         if q_lora_rank is None:
@@ -234,6 +302,15 @@ class MultiHeadLatentAttention(nn.Module):
         # A plain attribute, not a buffer: module.to(torch.bfloat16) must not round the
         # frequencies, and HF's attention state dict has no entry for them either.
         self.inv_freq, self.attention_factor = rope_frequencies(qk_rope_head_dim, rope_theta, self.rope_scaling)
+
+    @property
+    def save_q_latent(self) -> bool:
+        """Whether q's latent is kept instead of q (``save`` "q_latent" or "latent")."""
+        return self.save != "q"
+
+    @save_q_latent.setter
+    def save_q_latent(self, value: bool) -> None:
+        self.save = "q_latent" if value else "q"
 
     @classmethod
     def from_config(cls, config, **overrides) -> "MultiHeadLatentAttention":
@@ -287,8 +364,12 @@ class MultiHeadLatentAttention(nn.Module):
         Returns a tensor shaped like hidden_states.
         """
         lead = hidden_states.shape[:-1]
-        save_q_latent, attention_core = self.save_q_latent, ATTENTION_CORES[self.attention_core]
+        save, attention_core = self.save, ATTENTION_CORES[self.attention_core]
         if self.context_parallel_group is not None:
+            if save == "latent":
+                raise ValueError("MultiHeadLatentAttention: save='latent' does not support context "
+                                 "parallelism (context_parallel_group is set): the attention there runs "
+                                 "on (query chunk, key chunk) pairs outside the block op; use save='q'")
             if cu_seqlens is not None:
                 raise ValueError("MultiHeadLatentAttention: context parallelism takes padded batches "
                                  "(B, S_local, hidden), not cu_seqlens")
@@ -296,7 +377,7 @@ class MultiHeadLatentAttention(nn.Module):
                 position_ids = shard_positions(lead[-1], self.context_parallel_group,
                                                device=hidden_states.device)
             # q is split with the sequence, so it is materialised: no q latent here.
-            save_q_latent = False
+            save = "q"
             attention_core = functools.partial(_context_parallel_core, group=self.context_parallel_group)
         elif position_ids is None:
             if cu_seqlens is None:
@@ -307,7 +388,7 @@ class MultiHeadLatentAttention(nn.Module):
         half = self.qk_rope_head_dim // 2
         out, _, _ = latent_attention(
             self, hidden_states, cos.expand(*lead, half), sin.expand(*lead, half), scale=self.scaling,
-            rope_interleave=self.rope_interleave, save_q_latent=save_q_latent,
+            rope_interleave=self.rope_interleave, save=save,
             attention_core=attention_core, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return out
 
@@ -315,4 +396,4 @@ class MultiHeadLatentAttention(nn.Module):
         return (f"num_heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, "
                 f"kv_lora_rank={self.kv_lora_rank}, head_dims=(nope {self.qk_nope_head_dim}, "
                 f"rope {self.qk_rope_head_dim}, v {self.v_head_dim}), rope_interleave={self.rope_interleave}, "
-                f"attention_core={self.attention_core}, save_q_latent={self.save_q_latent}")
+                f"attention_core={self.attention_core}, save={self.save!r}")

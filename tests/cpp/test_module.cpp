@@ -145,8 +145,9 @@ TEST_CASE("MultiHeadLatentAttention forward and backward match Hugging Face's at
           "[module]") {
   const bool q_lora = GENERATE(true, false);
   const bool interleave = GENERATE(true, false);
-  CAPTURE(q_lora, interleave);
-  const auto o = small_options(q_lora, interleave);
+  const std::string save = GENERATE("q", "q_latent", "latent");  // docs/design.md §13.3
+  CAPTURE(q_lora, interleave, save);
+  const auto o = small_options(q_lora, interleave).save(save);
   auto attn = make_module(o, torch::kDouble, 0);
   torch::manual_seed(1);
   const auto x = torch::randn({2, 13, 32}, torch::kDouble).requires_grad_(true);

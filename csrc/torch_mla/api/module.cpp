@@ -8,6 +8,10 @@
 #include <tuple>
 
 #include "torch_mla/api/functional.h"
+#include "torch_mla/mla_attention_block.h"
+#include "torch_mla/mla_attention_q_latent.h"
+#include "torch_mla/q_expand.h"
+#include "torch_mla/rms_norm.h"
 
 namespace torch_mla {
 namespace {
@@ -61,9 +65,7 @@ void RMSNormImpl::pretty_print(std::ostream& stream) const {
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
-  const at::Tensor h = x.to(at::promote_types(x.scalar_type(), at::kFloat));
-  const at::Tensor normed = h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  return weight * normed.to(x.scalar_type());
+  return rms_norm(x, weight, eps);
 }
 
 double yarn_get_mscale(double scale, double mscale) {
@@ -87,6 +89,9 @@ void MultiHeadLatentAttentionImpl::reset() {
                     "even, got ", o.qk_rope_head_dim());
   TORCH_CHECK_VALUE(!o.q_lora_rank() || *o.q_lora_rank() > 0,
                     "torch_mla::MultiHeadLatentAttention: q_lora_rank must be positive or None");
+  TORCH_CHECK_VALUE(o.save() == "q" || o.save() == "q_latent" || o.save() == "latent",
+                    "torch_mla::MultiHeadLatentAttention: save must be \"q\", \"q_latent\" or \"latent\", got \"",
+                    o.save(), "\"");
   const int64_t qk_head_dim = o.qk_nope_head_dim() + o.qk_rope_head_dim();
   auto linear = [](int64_t in, int64_t out, bool bias) {
     return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
@@ -185,14 +190,7 @@ at::Tensor MultiHeadLatentAttentionImpl::forward(
   const int64_t dim_rope = o.qk_rope_head_dim();
   const auto lead = hidden_states.sizes().slice(0, hidden_states.dim() - 1);
 
-  at::Tensor q = o.q_lora_rank() ? q_b_proj(q_a_layernorm(q_a_proj(hidden_states)))
-                                 : q_proj(hidden_states);
-  std::vector<int64_t> q_shape(lead.begin(), lead.end());
-  q_shape.insert(q_shape.end(), {o.num_heads(), dim_nope + dim_rope});
-  q = q.view(q_shape);
   const at::Tensor compressed_kv = kv_a_proj_with_mqa(hidden_states);
-  const at::Tensor kv_latent = kv_a_layernorm(compressed_kv.narrow(-1, 0, o.kv_lora_rank()));
-
   at::Tensor positions;
   if (position_ids.has_value() && position_ids->defined()) {
     positions = *position_ids;
@@ -210,22 +208,54 @@ at::Tensor MultiHeadLatentAttentionImpl::forward(
   const at::Tensor cos = (emb.cos() * factor).to(hidden_states.scalar_type());
   const at::Tensor sin = (emb.sin() * factor).to(hidden_states.scalar_type());
 
-  const at::Tensor k_rope = apply_rope(compressed_kv.narrow(-1, o.kv_lora_rank(), dim_rope), cos,
-                                       sin, o.rope_interleave());
-  const at::Tensor q_rope = apply_rope(q.narrow(-1, dim_nope, dim_rope), cos.unsqueeze(-2),
-                                       sin.unsqueeze(-2), o.rope_interleave());
-  q = at::cat({q.narrow(-1, 0, dim_nope), q_rope}, -1);
-
-  const MlaOptions attention = MlaOptions()
-                                   .softmax_scale(softmax_scale())
-                                   .causal(true)
-                                   .cu_seqlens(packed ? cu_seqlens : std::nullopt)
-                                   .max_seqlen(max_seqlen);
+  const at::Tensor& wq_b = o.q_lora_rank() ? q_b_proj->weight : q_proj->weight;
+  const std::optional<at::Tensor> cu = packed ? cu_seqlens : std::nullopt;
+  at::Tensor half_cos, half_sin;  // the ops rotate by cos/sin of (..., Dr/2), in the angles' dtype
+  if (o.save() != "q") {
+    std::vector<int64_t> half_shape(lead.begin(), lead.end());
+    half_shape.push_back(dim_rope / 2);
+    half_cos = (angles.cos() * factor).expand(half_shape);
+    half_sin = (angles.sin() * factor).expand(half_shape);
+  }
+  if (o.save() == "latent") {
+    TORCH_CHECK(!o.record_max_logits(), "MultiHeadLatentAttention: record_max_logits needs save \"q\" or "
+                "\"q_latent\"; the latent-only block (save \"latent\") does not return max logits");
+    return mla_attention_block(
+        o.q_lora_rank() ? q_a_proj(hidden_states) : hidden_states,
+        o.q_lora_rank() ? std::optional<at::Tensor>(q_a_layernorm->weight) : std::nullopt, wq_b, compressed_kv,
+        kv_a_layernorm->weight, kv_b_proj->weight, o_proj->weight,
+        o_proj->bias.defined() ? std::optional<at::Tensor>(o_proj->bias) : std::nullopt, half_cos, half_sin,
+        o.num_heads(), softmax_scale(), o.q_lora_rank() ? q_a_layernorm->eps : 1e-6, kv_a_layernorm->eps,
+        /*causal=*/true, o.rope_interleave(), cu, max_seqlen);
+  }
+  const at::Tensor kv_latent = kv_a_layernorm(compressed_kv.narrow(-1, 0, o.kv_lora_rank()));
+  const at::Tensor k_rope_raw = compressed_kv.narrow(-1, o.kv_lora_rank(), dim_rope);
+  const at::Tensor c_q = o.q_lora_rank() ? q_a_layernorm(q_a_proj(hidden_states)) : hidden_states;
   at::Tensor out;
-  if (o.record_max_logits()) {
-    std::tie(out, max_logits) = mla_attention_with_max_logits(q, kv_latent, k_rope, kv_b_proj->weight, attention);
+  if (o.save() == "q_latent") {
+    // The op rotates q's pairs in place, so k_rope is rotated the same way (as one head of q).
+    const at::Tensor k_rope = rotate_q(k_rope_raw.unsqueeze(-2), half_cos, half_sin, o.rope_interleave()).squeeze(-2);
+    at::Tensor lse, maxes;
+    std::tie(out, lse, maxes) =
+        mla_attention_q_latent(c_q, wq_b, half_cos, half_sin, kv_latent, k_rope, kv_b_proj->weight, o.num_heads(),
+                               softmax_scale(), /*causal=*/true, o.rope_interleave(), cu, max_seqlen, "auto",
+                               o.record_max_logits());
+    if (o.record_max_logits()) max_logits = maxes;
   } else {
-    out = mla_attention(q, kv_latent, k_rope, kv_b_proj->weight, attention);
+    const at::Tensor k_rope = apply_rope(k_rope_raw, cos, sin, o.rope_interleave());
+    std::vector<int64_t> q_shape(lead.begin(), lead.end());
+    q_shape.insert(q_shape.end(), {o.num_heads(), dim_nope + dim_rope});
+    at::Tensor q = (o.q_lora_rank() ? q_b_proj(c_q) : q_proj(hidden_states)).view(q_shape);
+    const at::Tensor q_rope = apply_rope(q.narrow(-1, dim_nope, dim_rope), cos.unsqueeze(-2),
+                                         sin.unsqueeze(-2), o.rope_interleave());
+    q = at::cat({q.narrow(-1, 0, dim_nope), q_rope}, -1);
+    const MlaOptions attention =
+        MlaOptions().softmax_scale(softmax_scale()).causal(true).cu_seqlens(cu).max_seqlen(max_seqlen);
+    if (o.record_max_logits()) {
+      std::tie(out, max_logits) = mla_attention_with_max_logits(q, kv_latent, k_rope, kv_b_proj->weight, attention);
+    } else {
+      out = mla_attention(q, kv_latent, k_rope, kv_b_proj->weight, attention);
+    }
   }
   // A view of out: o_proj saves the op's own output, no second copy.
   return o_proj(out.flatten(-2));

@@ -12,11 +12,13 @@
 #include <cstdint>
 #include <optional>
 #include <ostream>
+#include <string>
 
 namespace torch_mla {
 
 // RMSNorm as Hugging Face's DeepseekV3RMSNorm: normalises in (at least) float32, casts back to the
-// input dtype, then scales by `weight` (ones at init).
+// input dtype, then scales by `weight` (ones at init). The op torch_mla::rms_norm: saves only x and
+// the per-row rstd for backward (docs/design.md §13.2).
 class RMSNormImpl : public torch::nn::Cloneable<RMSNormImpl> {
  public:
   explicit RMSNormImpl(int64_t dim, double eps = 1e-6);
@@ -68,6 +70,11 @@ struct MultiHeadLatentAttentionOptions {
   // Keep each forward's per-head maximum attention logit in `max_logits`, for QK-Clip
   // (docs/design.md §12); off: nothing is computed.
   TORCH_ARG(bool, record_max_logits) = false;
+  // What is kept for backward (docs/design.md §13.3): "q" (mla_attention: q, the latents, out,
+  // lse), "q_latent" (mla_attention_q_latent: q's latent instead of q) or "latent"
+  // (mla_attention_block: after q_a_proj and kv_a_proj_with_mqa only their outputs and the norms'
+  // statistics; q, out and o_proj's input are recomputed in backward).
+  TORCH_ARG(std::string, save) = "q";
 };
 
 class MultiHeadLatentAttentionImpl : public torch::nn::Cloneable<MultiHeadLatentAttentionImpl> {

@@ -1,0 +1,94 @@
+// The rms_norm op: schema, its math (rms_norm.h) and its forward for every backend
+// (CompositeExplicitAutograd: plain ATen, so CPU, CUDA and Meta/fake tensors run the same code).
+#include "torch_mla/rms_norm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace torch_mla {
+
+void check_rms_norm_inputs(const at::Tensor& x, const at::Tensor& weight, const char* op,
+                           const char* x_name, const char* weight_name) {
+  TORCH_CHECK_VALUE(x.defined() && weight.defined(), op, x_name, " and ", weight_name,
+                    " must be defined tensors");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && at::isFloatingType(x.scalar_type()), op, x_name,
+                    " must be a floating-point tensor of shape (..., N), got ", x.scalar_type(),
+                    " of shape ", x.sym_sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.sym_size(0) == x.sym_size(-1), op, weight_name,
+                    " must have shape (N,) with N = ", x.sym_size(-1), " (", x_name,
+                    "'s last dimension), got shape ", weight.sym_sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(weight.scalar_type()) && weight.device() == x.device(), op,
+                    weight_name, " must be a floating-point tensor on ", x_name, "'s device (", x.device(),
+                    "), got ", weight.scalar_type(), " on ", weight.device());
+}
+
+at::Tensor rms_norm_rstd(const at::Tensor& x, double eps) {
+  const at::Tensor h = x.to(at::toOpMathType(x.scalar_type()));
+  return at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
+}
+
+at::Tensor rms_norm_apply(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rstd) {
+  return weight * (x.to(rstd.scalar_type()) * rstd).to(x.scalar_type());
+}
+
+RmsNormGrads rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& rstd, bool need_x, bool need_weight) {
+  RmsNormGrads grads;
+  const auto opmath = rstd.scalar_type();
+  const at::Tensor x_hat = x.to(opmath) * rstd;
+  const at::Tensor grad = grad_y.to(opmath);
+  if (need_weight) {
+    // The weight multiplies x̂ rounded to x's dtype (rms_norm_apply), so its grad does too.
+    const at::Tensor y_hat = x_hat.to(x.scalar_type()).to(opmath);
+    grads.weight = (grad * y_hat).reshape_symint({-1, x.sym_size(-1)}).sum(0).to(weight.scalar_type());
+  }
+  if (need_x) {
+    const at::Tensor g = grad * weight.to(opmath);
+    grads.x = (rstd * (g - x_hat * (g * x_hat).mean(-1, /*keepdim=*/true))).to(x.scalar_type());
+  }
+  return grads;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_with_rstd_composite(const at::Tensor& x, const at::Tensor& weight,
+                                                                 double eps) {
+  check_rms_norm_inputs(x, weight, "torch_mla.rms_norm: ");
+  at::Tensor rstd = rms_norm_rstd(x, eps);
+  return {rms_norm_apply(x, weight, rstd), rstd};
+}
+
+at::Tensor rms_norm_composite(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return std::get<0>(rms_norm_with_rstd_composite(x, weight, eps));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("_rms_norm_with_rstd(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)",
+        {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(torch_mla, CompositeExplicitAutograd, m) {
+  m.impl("rms_norm", TORCH_FN(rms_norm_composite));
+  m.impl("_rms_norm_with_rstd", TORCH_FN(rms_norm_with_rstd_composite));
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mla::rms_norm", "")
+                       .typed<decltype(rms_norm)>();
+  return op.call(x, weight, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_with_rstd(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mla::_rms_norm_with_rstd", "")
+                       .typed<decltype(rms_norm_with_rstd)>();
+  return op.call(x, weight, eps);
+}
+
+}  // namespace torch_mla
