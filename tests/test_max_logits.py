@@ -193,6 +193,12 @@ def test_module_off_records_nothing():
         make_module("q-lora", attention_core="sdpa", record_max_logits=True)
 
 
+def test_latent_only_block_refuses_to_record():
+    module = make_module("q-lora", save="latent", record_max_logits=True)
+    with pytest.raises(ValueError, match="record_max_logits needs save='q' or save='q_latent'"):
+        module(hidden((1, 6)))
+
+
 def test_module_compile_fullgraph_records():
     torch._dynamo.reset()
     module = make_module("q-lora", record_max_logits=True)

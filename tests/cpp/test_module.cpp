@@ -296,4 +296,11 @@ TEST_CASE("MultiHeadLatentAttention records each forward's maximum logit when as
   on(x.narrow(0, 1, 1));
   const auto b = on->max_logits;
   CHECK(max_rel_err(torch::maximum(a, b), first) <= 1e-12);
+  // save "q_latent" records the same values; the latent-only block refuses to record.
+  auto q_latent = make_module(o.save("q_latent"), torch::kDouble, 0);
+  q_latent(x);
+  CHECK(max_rel_err(q_latent->max_logits, first) <= 1e-12);
+  auto latent = make_module(o.save("latent"), torch::kDouble, 0);
+  REQUIRE_THROWS_AS(latent(x), c10::ValueError);
+  REQUIRE_THROWS_WITH(latent(x), Catch::Contains("record_max_logits needs save='q' or save='q_latent'"));
 }

@@ -218,8 +218,8 @@ at::Tensor MultiHeadLatentAttentionImpl::forward(
     half_sin = (angles.sin() * factor).expand(half_shape);
   }
   if (o.save() == "latent") {
-    TORCH_CHECK(!o.record_max_logits(), "MultiHeadLatentAttention: record_max_logits needs save \"q\" or "
-                "\"q_latent\"; the latent-only block (save \"latent\") does not return max logits");
+    TORCH_CHECK_VALUE(!o.record_max_logits(), "torch_mla::MultiHeadLatentAttention: record_max_logits needs "
+                      "save='q' or save='q_latent': the latent-only block (save='latent') does not return max logits");
     return mla_attention_block(
         o.q_lora_rank() ? q_a_proj(hidden_states) : hidden_states,
         o.q_lora_rank() ? std::optional<at::Tensor>(q_a_layernorm->weight) : std::nullopt, wq_b, compressed_kv,
