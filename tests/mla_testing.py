@@ -1,6 +1,9 @@
 """Shared helpers for the tests: random MLA inputs and the docs/design.md §8 accuracy rules."""
+import json
+import os
+import tempfile
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -161,3 +164,21 @@ def check_lowp_against_reference(ours, inputs, grad_out, **kwargs):
         factor = 2 if name == "out" else 3
         err, naive_err = max_abs_err(ours[name], refs[name]), max_abs_err(naive[name], refs[name])
         assert err <= factor * naive_err, f"{name}: max error {err:.3g} > {factor} × naive {naive_err:.3g}"
+
+
+def peak_live_bytes(fn: Callable[[], object]) -> int:
+    """The peak of CPU bytes held by live tensors while fn() runs, above what was held when it
+    started: from the allocation events of torch.profiler (profile_memory=True), each of which
+    carries the allocator's running total. Unlike the process's peak RSS, no allocator slack."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    first = min(events, key=lambda e: e["ts"])["args"]
+    start = first["Total Allocated"] - first["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in events) - start

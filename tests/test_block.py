@@ -8,7 +8,7 @@ import torch
 import torch_mla
 from torch_mla import MultiHeadLatentAttention
 from torch_mla.block import mla_attention_block, rms_norm
-from mla_testing import max_abs_err, max_rel_err
+from mla_testing import max_abs_err, max_rel_err, peak_live_bytes
 from module_spec import block_spec
 
 SIZES = dict(hidden_size=48, num_heads=3, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
@@ -90,11 +90,17 @@ def test_fp32_matches_float64_spec(case, layout):
     assert_close_rel(ours, spec_results(module, x, positions + 5, cu, torch.float64), 1e-5)
 
 
+# 3 heads in one group, in two (2 + 1) and, by default, in three (docs/design.md §13.6).
+HEAD_CHUNKS = {"one-group": 1, "uneven-groups": 2, "default": None}
+
+
+@pytest.mark.parametrize("head_chunks", list(HEAD_CHUNKS))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_equals_todays_module_float64(case, layout):
-    """Same core, same math: out and every grad as saving q or q's latent, to rounding."""
-    module = make_module(case).double()
+def test_equals_todays_module_float64(case, layout, head_chunks):
+    """Same core, same math: out and every grad as saving q or q's latent, to rounding, however
+    the heads are grouped."""
+    module = make_module(case, head_chunks=HEAD_CHUNKS[head_chunks]).double()
     x, positions, cu = layout_args(layout, SIZES["hidden_size"], torch.float64)
     params = dict(module.named_parameters())
     results = {}
@@ -316,6 +322,7 @@ BAD = {
     "cos": (lambda i: dict(i, cos=i["cos"][..., :-1]), "cos must have shape"),
     "dtype": (lambda i: dict(i, wo=i["wo"].float()), "wo must have q_a's dtype"),
     "q_a": (lambda i: dict(i, q_a=i["q_a"][0]), "q_a must be a floating-point tensor of shape"),
+    "head_chunks": (lambda i: dict(i, head_chunks=0), "head_chunks must be >= 1"),
 }
 
 
@@ -326,14 +333,33 @@ def test_argument_errors_name_the_argument(case):
     with pytest.raises(ValueError, match=f"torch_mla.mla_attention_block: {message}"):
         mla_attention_block(**inputs, num_heads=TINY["heads"])
     with pytest.raises(ValueError, match=message):  # the Meta kernel: the same checks
-        meta = {k: None if v is None else v.to("meta") for k, v in inputs.items()}
+        meta = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in inputs.items()}
         mla_attention_block(**meta, num_heads=TINY["heads"])
 
 
 def test_module_settings_errors():
     with pytest.raises(ValueError, match="save must be one of"):
         make_module("q-lora", save="everything")
+    with pytest.raises(ValueError, match="head_chunks must be >= 1 or None, got 0"):
+        make_module("q-lora", save="latent", head_chunks=0)
     module = make_module("q-lora", save="latent")
     module.context_parallel_group = object()  # checked before the group is used
     with pytest.raises(ValueError, match="save='latent' does not support context parallelism"):
         module(torch.randn(1, 4, SIZES["hidden_size"]))
+
+
+def test_head_groups_bound_the_backward_transient():
+    """docs/design.md §13.6: with the heads in H groups, one head's q, out and grad of out exist at
+    a time in the backward, not all H heads'. The peak of live bytes of one forward+backward (the
+    profiler's allocation events) drops by at least what those three tensors of the other H − 1
+    heads weigh."""
+    sizes = dict(SIZES, num_heads=8)
+    x = torch.randn(1, 512, sizes["hidden_size"], requires_grad=True)
+    peaks = {}
+    for head_chunks in (1, 8):
+        module = make_module("q-lora", sizes, save="latent", head_chunks=head_chunks)
+        module(x[:, :8]).sum().backward()  # parameters' grads allocated before the measured step
+        peaks[head_chunks] = peak_live_bytes(lambda: module(x).backward(torch.ones_like(x)))
+    tokens, dims = x.shape[1], sizes["qk_nope_head_dim"] + sizes["qk_rope_head_dim"] + 2 * sizes["v_head_dim"]
+    per_head = tokens * dims * x.element_size()  # q, out and grad_out of one head
+    assert peaks[1] - peaks[8] >= 7 * per_head, f"peaks {peaks}, 7 heads' q/out/grad_out {7 * per_head}"

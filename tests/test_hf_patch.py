@@ -62,6 +62,19 @@ def test_patched_matches_unpatched_fp32(case, save):
           f"{max(max_rel_err(ours[1][n], ref[1][n]) for n in ref[1]):.2e}")
 
 
+@pytest.mark.parametrize("head_chunks", [1, 2])
+def test_head_chunks_reach_the_latent_only_block(head_chunks):
+    """patch_model(save="latent", head_chunks=n) sets every attention's head groups
+    (docs/design.md §13.6); the model stays the unpatched one to fp32 rounding."""
+    model = make_model("v3")
+    ids = token_ids()
+    patched = patched_copy(model, save="latent", head_chunks=head_chunks)
+    assert [m.head_chunks for m in attention_modules(patched)] == [head_chunks] * model.config.num_hidden_layers
+    assert_fp32_matches(logits_and_grads(patched, ids), logits_and_grads(clone_model(model, torch.float64), ids))
+    with pytest.raises(ValueError, match="head_chunks must be >= 1 or None, got 0"):
+        torch_mla.patch_model(clone_model(model), save="latent", head_chunks=0)
+
+
 @pytest.mark.parametrize("case", ["v3", "v3-yarn-bias", "v2-lite"])
 def test_patched_matches_unpatched_bf16(case):
     """FlashAttention's rule: |ours − fp64| ≤ 2× (logits) / 3× (grads) |HF bf16 − fp64|."""

@@ -9,6 +9,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
 
 #include "torch_mla/mla_attention.h"
@@ -43,7 +44,9 @@ void check_block_inputs(
     const at::Tensor& cos,
     const at::Tensor& sin,
     int64_t num_heads,
-    const std::optional<at::Tensor>& cu_seqlens) {
+    const std::optional<at::Tensor>& cu_seqlens,
+    int64_t head_chunks) {
+  TORCH_CHECK_VALUE(head_chunks >= 1, kOp, "head_chunks must be >= 1 (the number of head groups), got ", head_chunks);
   TORCH_CHECK_VALUE(q_a.defined() && wq_b.defined() && kv_a.defined() && kv_norm_weight.defined() &&
                         wkv_b.defined() && wo.defined() && cos.defined() && sin.defined(),
                     kOp, "q_a, wq_b, kv_a, kv_norm_weight, wkv_b, wo, cos and sin must be defined tensors");
@@ -99,19 +102,38 @@ BlockLatents block_latents(
     const at::Tensor& wkv_b,
     const at::Tensor& cos,
     const at::Tensor& sin,
-    int64_t num_heads,
     bool rope_interleave) {
   const c10::SymInt dim_latent = wkv_b.sym_size(1), dim_rope = kv_a.sym_size(-1) - dim_latent;
   BlockLatents l;
   l.c_q = is_given(q_norm_weight) ? rms_norm_apply(q_a, *q_norm_weight, q_rstd).to(wq_b.scalar_type()) : q_a;
-  l.q_projected = project_q(l.c_q, wq_b, num_heads);
-  l.q = rotate_q(l.q_projected, cos, sin, rope_interleave);
   l.kv_latent = rms_norm_apply(kv_a.narrow_symint(-1, 0, dim_latent), kv_norm_weight, kv_rstd)
                     .to(wkv_b.scalar_type());
   l.k_rope_raw = kv_a.narrow_symint(-1, dim_latent, dim_rope);
   // k_rope as one head of q: the same rotation, written once (q_expand.h).
   l.k_rope = rotate_q(l.k_rope_raw.unsqueeze(-2), cos, sin, rope_interleave).squeeze(-2);
   return l;
+}
+
+ChunkQ chunk_q(const at::Tensor& c_q, const HeadChunk& chunk, const at::Tensor& cos, const at::Tensor& sin,
+               bool rope_interleave) {
+  ChunkQ q;
+  q.projected = project_q(c_q, chunk.wq_b, chunk.count);
+  q.q = rotate_q(q.projected, cos, sin, rope_interleave);
+  return q;
+}
+
+std::vector<HeadChunk> head_chunks_of(const at::Tensor& wq_b, const at::Tensor& wkv_b, const at::Tensor& wo,
+                                      const BlockDims& dims, int64_t num_heads, int64_t head_chunks) {
+  const int64_t per_chunk = (num_heads + head_chunks - 1) / head_chunks;
+  const c10::SymInt q_width = dims.nope + dims.rope, kv_width = dims.nope + dims.v;
+  std::vector<HeadChunk> chunks;
+  for (int64_t first = 0; first < num_heads; first += per_chunk) {
+    const int64_t count = std::min(per_chunk, num_heads - first);
+    chunks.push_back({first, count, wq_b.narrow_symint(0, q_width * first, q_width * count),
+                      wkv_b.narrow_symint(0, kv_width * first, kv_width * count),
+                      wo.narrow_symint(1, dims.v * first, dims.v * count)});
+  }
+  return chunks;
 }
 
 BlockForward block_forward(
@@ -133,19 +155,30 @@ BlockForward block_forward(
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    int64_t head_chunks) {
   BlockForward f;
   const at::Tensor kv_a_latent = kv_a.narrow_symint(-1, 0, wkv_b.sym_size(1));
   f.q_rstd = is_given(q_norm_weight) ? rms_norm_rstd(q_a, q_norm_eps)
                                      : at::empty({0}, q_a.options().dtype(at::toOpMathType(q_a.scalar_type())));
   f.kv_rstd = rms_norm_rstd(kv_a_latent, kv_norm_eps);
-  BlockLatents l = block_latents(q_a, q_norm_weight, f.q_rstd, wq_b, kv_a, kv_norm_weight, f.kv_rstd, wkv_b, cos,
-                                 sin, num_heads, rope_interleave);
-  l.c_q = l.q_projected = at::Tensor();  // not needed past q: out of the attention's peak
-  at::Tensor out, lse;
-  std::tie(out, lse, std::ignore) = mla_attention(l.q, l.kv_latent, l.k_rope, wkv_b, softmax_scale, causal,
-                                      cu_seqlens, std::move(max_seqlen), backend);
-  f.y = at::linear(out.flatten(-2), wo, bo);
+  const BlockLatents l = block_latents(q_a, q_norm_weight, f.q_rstd, wq_b, kv_a, kv_norm_weight, f.kv_rstd, wkv_b,
+                                       cos, sin, rope_interleave);
+  const BlockDims d = block_dims(wq_b, kv_a, wkv_b, num_heads);
+  // y = Σ over head groups of out_g · wo_gᵀ: one group's q and out at a time (§13.6), the sum
+  // accumulated in y by GEMMs with beta = 1.
+  for (const HeadChunk& chunk : head_chunks_of(wq_b, wkv_b, wo, d, num_heads, head_chunks)) {
+    const at::Tensor out = std::get<0>(mla_attention(chunk_q(l.c_q, chunk, cos, sin, rope_interleave).q, l.kv_latent,
+                                                     l.k_rope, chunk.wkv_b, softmax_scale, causal, cu_seqlens,
+                                                     max_seqlen, backend));
+    const at::Tensor out_rows = out.flatten(-2);
+    if (!f.y.defined()) {
+      f.y = at::linear(out_rows, chunk.wo, bo);
+    } else {
+      f.y.view_symint({-1, f.y.sym_size(-1)}).addmm_(out_rows.reshape_symint({-1, out_rows.sym_size(-1)}),
+                                                     chunk.wo.t());
+    }
+  }
   return f;
 }
 
@@ -170,12 +203,13 @@ at::Tensor mla_attention_block_composite(
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    int64_t head_chunks) {
   check_block_inputs(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads,
-                     cu_seqlens);
+                     cu_seqlens, head_chunks);
   return block_forward(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads,
                        softmax_scale, q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens,
-                       std::move(max_seqlen), backend)
+                       std::move(max_seqlen), backend, head_chunks)
       .y;
 }
 
@@ -198,29 +232,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_block_with_rstd_com
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    int64_t head_chunks) {
   check_block_inputs(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads,
-                     cu_seqlens);
+                     cu_seqlens, head_chunks);
   BlockForward f = block_forward(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin,
                                  num_heads, softmax_scale, q_norm_eps, kv_norm_eps, causal, rope_interleave,
-                                 cu_seqlens, std::move(max_seqlen), backend);
+                                 cu_seqlens, std::move(max_seqlen), backend, head_chunks);
   return {f.y, f.q_rstd, f.kv_rstd};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
-  m.def(
+  static const std::string schema =
       "mla_attention_block(Tensor q_a, Tensor? q_norm_weight, Tensor wq_b, Tensor kv_a, "
       "Tensor kv_norm_weight, Tensor wkv_b, Tensor wo, Tensor? bo, Tensor cos, Tensor sin, int num_heads, "
       "float softmax_scale, float q_norm_eps, float kv_norm_eps, bool causal, bool rope_interleave, "
-      "Tensor? cu_seqlens, SymInt max_seqlen, str backend=\"auto\") -> Tensor",
-      {at::Tag::pt2_compliant_tag});
+      "Tensor? cu_seqlens, SymInt max_seqlen, str backend=\"auto\", int head_chunks=" +
+      std::to_string(kDefaultHeadChunks) + ") -> Tensor";
+  m.def(schema.c_str(), {at::Tag::pt2_compliant_tag});
   m.def(
       "_mla_attention_block_with_rstd(Tensor q_a, Tensor? q_norm_weight, Tensor wq_b, Tensor kv_a, "
       "Tensor kv_norm_weight, Tensor wkv_b, Tensor wo, Tensor? bo, Tensor cos, Tensor sin, int num_heads, "
       "float softmax_scale, float q_norm_eps, float kv_norm_eps, bool causal, bool rope_interleave, "
-      "Tensor? cu_seqlens, SymInt max_seqlen, str backend) -> (Tensor y, Tensor q_rstd, Tensor kv_rstd)",
+      "Tensor? cu_seqlens, SymInt max_seqlen, str backend, int head_chunks) -> (Tensor y, Tensor q_rstd, Tensor kv_rstd)",
       {at::Tag::pt2_compliant_tag});
 }
 
@@ -248,13 +284,14 @@ at::Tensor mla_attention_block(
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    int64_t head_chunks) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_mla::mla_attention_block", "")
                        .typed<decltype(mla_attention_block)>();
   return op.call(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads,
                  softmax_scale, q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens,
-                 std::move(max_seqlen), backend);
+                 std::move(max_seqlen), backend, head_chunks);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_block_with_rstd(
@@ -276,13 +313,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_block_with_rstd(
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    int64_t head_chunks) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_mla::_mla_attention_block_with_rstd", "")
                        .typed<decltype(mla_attention_block_with_rstd)>();
   return op.call(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads,
                  softmax_scale, q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens,
-                 std::move(max_seqlen), backend);
+                 std::move(max_seqlen), backend, head_chunks);
 }
 
 }  // namespace torch_mla

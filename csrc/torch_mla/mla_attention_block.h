@@ -18,6 +18,8 @@
 //   wo         (hidden, H·Dv)    o_proj.weight;  bo (hidden,) or None
 //   cos, sin   (B, S, Dr/2)      | (T, Dr/2)
 //   returns y  (B, S, hidden)    | (T, hidden), in wo's dtype
+// The heads run in `head_chunks` groups, forward and backward (docs/design.md §13.6): only one
+// group's q, out and attention transients exist at a time.
 // The norms' outputs are cast to wq_b's / wkv_b's dtype (what autocast's linear does to a float32
 // norm output); every other tensor shares q_a's dtype and device.
 #include <ATen/core/Tensor.h>
@@ -26,6 +28,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace torch_mla {
 
@@ -42,12 +45,11 @@ void check_block_inputs(
     const at::Tensor& cos,
     const at::Tensor& sin,
     int64_t num_heads,
-    const std::optional<at::Tensor>& cu_seqlens);
+    const std::optional<at::Tensor>& cu_seqlens,
+    int64_t head_chunks);
 
-// What the block computes before the attention, from its inputs and the norms' rstd.
-struct BlockLatents {
-  at::Tensor c_q, q_projected, q, kv_latent, k_rope_raw, k_rope;
-};
+// The heads' default number of groups (docs/design.md §13.6).
+constexpr int64_t kDefaultHeadChunks = 4;
 
 // (Dn, Dr, Dv) of a block call, from the weights' shapes.
 struct BlockDims {
@@ -55,8 +57,25 @@ struct BlockDims {
 };
 BlockDims block_dims(const at::Tensor& wq_b, const at::Tensor& kv_a, const at::Tensor& wkv_b, int64_t num_heads);
 
+// Heads [first, first + count) of one group, and that group's weights: rows of wq_b and wkv_b,
+// columns of wo (views, no copies).
+struct HeadChunk {
+  int64_t first, count;
+  at::Tensor wq_b, wkv_b, wo;
+};
+
+// The groups of a call: ceil(H / head_chunks) heads each, so at most head_chunks groups, the last
+// one smaller when they do not divide.
+std::vector<HeadChunk> head_chunks_of(const at::Tensor& wq_b, const at::Tensor& wkv_b, const at::Tensor& wo,
+                                      const BlockDims& dims, int64_t num_heads, int64_t head_chunks);
+
+// What the block computes before the attention for every head, from its inputs and the norms' rstd.
+struct BlockLatents {
+  at::Tensor c_q, kv_latent, k_rope_raw, k_rope;
+};
+
 // The latents of the block: the norms applied with the given rstd (q_rstd undefined without
-// q_norm_weight), q expanded and rotated, k_rope rotated.
+// q_norm_weight), k_rope rotated; q is expanded per head group (project_q, rotate_q).
 BlockLatents block_latents(
     const at::Tensor& q_a,
     const std::optional<at::Tensor>& q_norm_weight,
@@ -68,8 +87,15 @@ BlockLatents block_latents(
     const at::Tensor& wkv_b,
     const at::Tensor& cos,
     const at::Tensor& sin,
-    int64_t num_heads,
     bool rope_interleave);
+
+// One head group's q, (…, count, Dn+Dr): `projected` = c_q · wq_bᵀ for the group's rows (what the
+// cos/sin grads read), `q` the same with q_rope rotated.
+struct ChunkQ {
+  at::Tensor projected, q;
+};
+ChunkQ chunk_q(const at::Tensor& c_q, const HeadChunk& chunk, const at::Tensor& cos, const at::Tensor& sin,
+               bool rope_interleave);
 
 struct BlockForward {
   at::Tensor y, q_rstd, kv_rstd;  // q_rstd: (0,) without q_norm_weight
@@ -96,7 +122,8 @@ BlockForward block_forward(
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend);
+    c10::string_view backend,
+    int64_t head_chunks);
 
 // The dispatcher op torch_mla::mla_attention_block (autograd included); returns y.
 at::Tensor mla_attention_block(
@@ -118,7 +145,8 @@ at::Tensor mla_attention_block(
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend = "auto");
+    c10::string_view backend = "auto",
+    int64_t head_chunks = kDefaultHeadChunks);
 
 // The dispatcher op torch_mla::_mla_attention_block_with_rstd: (y, q_rstd, kv_rstd), checks
 // included, no autograd. What the autograd Function runs below the Autograd key (with the core it
@@ -142,6 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_block_with_rstd(
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend);
+    c10::string_view backend,
+    int64_t head_chunks);
 
 }  // namespace torch_mla

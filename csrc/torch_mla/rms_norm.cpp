@@ -37,16 +37,25 @@ RmsNormGrads rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, co
                                const at::Tensor& rstd, bool need_x, bool need_weight) {
   RmsNormGrads grads;
   const auto opmath = rstd.scalar_type();
-  const at::Tensor x_hat = x.to(opmath) * rstd;
-  const at::Tensor grad = grad_y.to(opmath);
+  at::Tensor x_hat = x.to(opmath) * rstd;
+  at::Tensor grad = grad_y.to(opmath);
   if (need_weight) {
     // The weight multiplies x̂ rounded to x's dtype (rms_norm_apply), so its grad does too.
     const at::Tensor y_hat = x_hat.to(x.scalar_type()).to(opmath);
     grads.weight = (grad * y_hat).reshape_symint({-1, x.sym_size(-1)}).sum(0).to(weight.scalar_type());
   }
   if (need_x) {
-    const at::Tensor g = grad * weight.to(opmath);
-    grads.x = (rstd * (g - x_hat * (g * x_hat).mean(-1, /*keepdim=*/true))).to(x.scalar_type());
+    // dx = rstd·(g − x̂·mean(g·x̂)) one step at a time, each input released once used: at most
+    // three row-sized float buffers at once (this is part of the block's transient peak), and no
+    // in-place op, so that a backward under create_graph stays differentiable.
+    at::Tensor g = grad * weight.to(opmath);
+    grad.reset();
+    const at::Tensor g_dot_x_hat = (g * x_hat).mean(-1, /*keepdim=*/true);
+    at::Tensor dx = x_hat * g_dot_x_hat;
+    x_hat.reset();
+    dx = g - dx;
+    g.reset();
+    grads.x = (dx * rstd).to(x.scalar_type());
   }
   return grads;
 }

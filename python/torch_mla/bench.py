@@ -13,7 +13,8 @@ Methods (the same parameters and the same function; they differ in what they kee
   torch_mla          torch_mla's op: saves the latents, q, out, lse; recomputes K/V in backward
   torch_mla_qlatent  torch_mla's q-latent op: q's latent saved instead of q
   torch_mla_latent   torch_mla's latent-only block op (save="latent"): saves the block's input,
-                     the pre-norm latents and the norms' statistics; reruns the attention forward
+                     the pre-norm latents and the norms' statistics; reruns the attention forward,
+                     its heads in the op's default 4 groups (docs/design.md §13.6)
   hf_eager           HF "eager": K/V expanded per head, full score matrix and softmax
   hf_sdpa            HF "sdpa": K/V expanded per head, scaled_dot_product_attention
   hf_sdpa_ckpt       hf_sdpa with the whole block under torch.utils.checkpoint

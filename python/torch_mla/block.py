@@ -28,6 +28,7 @@ def mla_attention_block(
     rope_interleave: bool = True,
     cu_seqlens: Optional[torch.Tensor] = None,
     max_seqlen: Optional[int] = None,
+    head_chunks: Optional[int] = None,
 ) -> torch.Tensor:
     """The attention block from q_a_proj's and kv_a_proj_with_mqa's outputs to o_proj's:
     ``o_proj(mla_attention(rope(rms_norm(q_a) @ wq_b.T), rms_norm(kv_a[..., :Dc]), rope(kv_a[..., Dc:])))``.
@@ -47,14 +48,17 @@ def mla_attention_block(
         cos, sin:       (B, S, Dr/2)   | (T, Dr/2)
         returns         (B, S, hidden) | (T, hidden)
 
-    ``softmax_scale=None`` means ``(Dn+Dr) ** -0.5``.
+    ``softmax_scale=None`` means ``(Dn+Dr) ** -0.5``. ``head_chunks``: the heads run in this many
+    groups of ``ceil(H / head_chunks)``, forward and backward, so that only one group's q, out
+    and attention transients exist at a time (docs/design.md §13.6); None: the op's default, 4.
     """
     if softmax_scale is None:
         softmax_scale = (wq_b.shape[0] // num_heads) ** -0.5
+    chunks = {} if head_chunks is None else dict(head_chunks=int(head_chunks))
     return torch.ops.torch_mla.mla_attention_block(
         q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, int(num_heads),
         float(softmax_scale), float(q_norm_eps), float(kv_norm_eps), bool(causal), bool(rope_interleave),
-        cu_seqlens, 0 if max_seqlen is None else max_seqlen, current_backend())
+        cu_seqlens, 0 if max_seqlen is None else max_seqlen, current_backend(), **chunks)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

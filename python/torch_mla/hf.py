@@ -37,7 +37,8 @@ def _attention_classes() -> Tuple[type, ...]:
     return tuple(classes)
 
 
-def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[str] = None) -> int:
+def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[str] = None,
+                head_chunks: Optional[int] = None) -> int:
     """Routes every DeepSeek-V2/V3 attention of a transformers model through torch_mla.
 
     The attention modules keep their parameters; only their forward changes. Supported inputs:
@@ -63,9 +64,12 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[
     ``"q"``, ``"q_latent"``, ``"latent"``; None: from ``save_q_latent``). With ``"latent"`` a call
     that writes a KV cache runs as ``"q_latent"`` (the cache takes the latents, which the block op
     does not return), and no PEFT adapter on q_b_proj/q_proj, kv_b_proj or o_proj is honoured.
+    head_chunks: with ``"latent"``, the block's number of head groups, as MultiHeadLatentAttention's.
     Returns the number of attention modules patched by this call (already patched ones are skipped).
     """
     save = resolve_save(save, save_q_latent)
+    if head_chunks is not None and head_chunks < 1:
+        raise ValueError(f"torch_mla.patch_model: head_chunks must be >= 1 or None, got {head_chunks}")
     classes = _attention_classes()
     count = 0
     for module in model.modules() if classes else ():
@@ -82,6 +86,7 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[
         check_adapters(module, save)
         module._torch_mla_patched = True
         module._torch_mla_save = save
+        module.head_chunks = head_chunks
         module.forward = types.MethodType(_forward, module)
         count += 1
         implementation = getattr(config, "_attn_implementation", None)

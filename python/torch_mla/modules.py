@@ -167,7 +167,8 @@ def _latent_only_block(attn: nn.Module, hidden_states: torch.Tensor, cos: torch.
         num_heads=wkv_b.shape[0] // (attn.qk_nope_head_dim + attn.v_head_dim), softmax_scale=scale,
         q_norm_eps=q_norm.variance_epsilon if q_norm is not None else 1e-6,  # unused without the norm
         kv_norm_eps=kv_norm.variance_epsilon,
-        rope_interleave=rope_interleave, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        rope_interleave=rope_interleave, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+        head_chunks=getattr(attn, "head_chunks", None))
     y = tensor_parallel_output(y, wo_param)
     return y + _local(bias) if sharded and bias is not None else y
 
@@ -228,6 +229,9 @@ class MultiHeadLatentAttention(nn.Module):
             only the hidden states, the pre-norm latents and the norms' statistics, and
             recomputes q, the attention's out and o_proj's input in backward (docs/design.md §13).
             Not with context parallelism (ValueError at forward).
+        head_chunks: with ``save="latent"``, the number of head groups the block runs in, one
+            group's q, out and attention transients at a time (docs/design.md §13.6); None: the
+            op's default, 4. More groups: less transient memory, smaller GEMMs.
     """
 
     def __init__(
@@ -248,8 +252,8 @@ class MultiHeadLatentAttention(nn.Module):
         attention_core: str = "torch_mla",
         save_q_latent: bool = True,
         record_max_logits: bool = False,
-
         save: Optional[str] = None,
+        head_chunks: Optional[int] = None,
         device=None,
         dtype=None,
     ):
@@ -282,6 +286,9 @@ class MultiHeadLatentAttention(nn.Module):
 
         # Keeping q as a latent is torch_mla's op; the baselines attend on q itself.
         self.save = resolve_save(save, save_q_latent) if attention_core == "torch_mla" else "q"
+        if head_chunks is not None and head_chunks < 1:
+            raise ValueError(f"head_chunks must be >= 1 or None, got {head_chunks}")
+        self.head_chunks = head_chunks
         self.scaling = softmax_scale(self.qk_head_dim, self.rope_scaling)
 
         if q_lora_rank is None:

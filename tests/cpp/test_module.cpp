@@ -167,6 +167,32 @@ TEST_CASE("MultiHeadLatentAttention forward and backward match Hugging Face's at
   }
 }
 
+TEST_CASE("The latent-only block's head groups leave the result as Hugging Face's in float64", "[module]") {
+  // docs/design.md §13.6: the 3 heads in one group or in two (2 + 1); the default (3 groups) is
+  // covered above.
+  const int64_t head_chunks = GENERATE(1, 2);
+  CAPTURE(head_chunks);
+  const auto o = small_options(true, true).save("latent").head_chunks(head_chunks);
+  auto attn = make_module(o, torch::kDouble, 0);
+  torch::manual_seed(1);
+  const auto x = torch::randn({2, 13, 32}, torch::kDouble).requires_grad_(true);
+  const auto out = attn(x);
+  const auto ref = ref_attention(*attn, x, torch::arange(13), plain_rope(o));
+  CHECK(max_rel_err(out, ref) <= 1e-12);
+  const auto grads = all_grads(out, *attn, x);
+  const auto ref_grads = all_grads(ref, *attn, x);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    CAPTURE(i);
+    CHECK(max_rel_err(grads[i], ref_grads[i]) <= 1e-12);
+  }
+}
+
+TEST_CASE("MultiHeadLatentAttention refuses head_chunks below 1", "[module]") {
+  REQUIRE_THROWS_AS(torch_mla::MultiHeadLatentAttention(small_options(true, true).head_chunks(0)), c10::ValueError);
+  REQUIRE_THROWS_WITH(torch_mla::MultiHeadLatentAttention(small_options(true, true).head_chunks(0)),
+                      Catch::Contains("head_chunks must be >= 1, got 0"));
+}
+
 TEST_CASE("MultiHeadLatentAttention in float32 is within 1e-5 of the float64 module", "[module]") {
   const auto o = small_options(true, true);
   auto attn64 = make_module(o, torch::kDouble, 0);

@@ -92,6 +92,8 @@ void MultiHeadLatentAttentionImpl::reset() {
   TORCH_CHECK_VALUE(o.save() == "q" || o.save() == "q_latent" || o.save() == "latent",
                     "torch_mla::MultiHeadLatentAttention: save must be \"q\", \"q_latent\" or \"latent\", got \"",
                     o.save(), "\"");
+  TORCH_CHECK_VALUE(o.head_chunks() >= 1, "torch_mla::MultiHeadLatentAttention: head_chunks must be >= 1, got ",
+                    o.head_chunks());
   const int64_t qk_head_dim = o.qk_nope_head_dim() + o.qk_rope_head_dim();
   auto linear = [](int64_t in, int64_t out, bool bias) {
     return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
@@ -226,7 +228,7 @@ at::Tensor MultiHeadLatentAttentionImpl::forward(
         kv_a_layernorm->weight, kv_b_proj->weight, o_proj->weight,
         o_proj->bias.defined() ? std::optional<at::Tensor>(o_proj->bias) : std::nullopt, half_cos, half_sin,
         o.num_heads(), softmax_scale(), o.q_lora_rank() ? q_a_layernorm->eps : 1e-6, kv_a_layernorm->eps,
-        /*causal=*/true, o.rope_interleave(), cu, max_seqlen);
+        /*causal=*/true, o.rope_interleave(), cu, max_seqlen, "auto", o.head_chunks());
   }
   const at::Tensor kv_latent = kv_a_layernorm(compressed_kv.narrow(-1, 0, o.kv_lora_rank()));
   const at::Tensor k_rope_raw = compressed_kv.narrow(-1, o.kv_lora_rank(), dim_rope);

@@ -14,6 +14,8 @@
 #include <ostream>
 #include <string>
 
+#include "torch_mla/mla_attention_block.h"
+
 namespace torch_mla {
 
 // RMSNorm as Hugging Face's DeepseekV3RMSNorm: normalises in (at least) float32, casts back to the
@@ -75,6 +77,9 @@ struct MultiHeadLatentAttentionOptions {
   // (mla_attention_block: after q_a_proj and kv_a_proj_with_mqa only their outputs and the norms'
   // statistics; q, out and o_proj's input are recomputed in backward).
   TORCH_ARG(std::string, save) = "q";
+  // With save "latent": the heads run in this many groups, so that one group's q, out and
+  // attention transients exist at a time (docs/design.md §13.6).
+  TORCH_ARG(int64_t, head_chunks) = kDefaultHeadChunks;
 };
 
 class MultiHeadLatentAttentionImpl : public torch::nn::Cloneable<MultiHeadLatentAttentionImpl> {

@@ -29,14 +29,15 @@ at::Tensor mla_attention_block_autocast(
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    int64_t head_chunks) {
   const AutocastScope<device_type> scope;
   const std::optional<at::Tensor> bias =
       bo.has_value() && bo->defined() ? std::optional<at::Tensor>(scope.cast(*bo)) : std::nullopt;
   return mla_attention_block(scope.cast(q_a), q_norm_weight, scope.cast(wq_b), scope.cast(kv_a), kv_norm_weight,
                              scope.cast(wkv_b), scope.cast(wo), bias, cos, sin, num_heads, softmax_scale,
                              q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens, std::move(max_seqlen),
-                             backend);
+                             backend, head_chunks);
 }
 
 }  // namespace

@@ -1,8 +1,9 @@
 // Autograd for mla_attention_block, registered at the Autograd key (every device), docs/design.md §13.
 // The forward saves only the block's inputs (q_a, kv_a, cos, sin, the weights) and the norms'
-// per-row rstd. The backward recomputes the norms, q and k_rope, then out with one attention
-// forward through the core the forward ran, and takes the gradient back through o_proj
-// (dwo = dyᵀ·out, dout = dy·wo), the attention, the q expansion and RoPE, and the norms.
+// per-row rstd. The backward recomputes the norms and k_rope, then per head group q and out with
+// one attention forward through the core the forward ran, and takes the gradient back through
+// o_proj (dwo = dyᵀ·out, dout = dy·wo), the attention and the q expansion and RoPE of that group;
+// then through k_rope's RoPE and the norms.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -21,7 +22,30 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // Positions of the differentiable inputs in the schema.
-enum Input { kQA, kQNorm, kWqB, kKvA, kKvNorm, kWkvB, kWo, kBo, kCos, kSin, kNumInputs = 19 };
+enum Input { kQA, kQNorm, kWqB, kKvA, kKvNorm, kWkvB, kWo, kBo, kCos, kSin, kNumInputs = 20 };
+
+// sum += part (sum taken over when undefined; an undefined part adds nothing).
+void accumulate(at::Tensor& sum, at::Tensor part) {
+  if (!part.defined()) return;
+  if (sum.defined()) {
+    sum.add_(part);
+  } else {
+    sum = std::move(part);
+  }
+}
+
+// A weight's grad from its head groups' slices (along `dim`, from `start`): the slice itself when
+// it is the whole weight, else copied into one buffer of the weight's size (not a list of slices
+// joined at the end, which would hold the weight's size twice).
+void place(at::Tensor& grad, at::Tensor part, const at::Tensor& weight, int64_t dim, const c10::SymInt& start) {
+  if (!part.defined()) return;
+  if (part.sym_size(dim) == weight.sym_size(dim)) {
+    grad = std::move(part);
+    return;
+  }
+  if (!grad.defined()) grad = at::empty_like(weight, at::MemoryFormat::Contiguous);
+  grad.narrow_symint(dim, start, part.sym_size(dim)).copy_(part);
+}
 
 class MlaAttentionBlockFunction : public torch::autograd::Function<MlaAttentionBlockFunction> {
  public:
@@ -45,22 +69,24 @@ class MlaAttentionBlockFunction : public torch::autograd::Function<MlaAttentionB
       bool rope_interleave,
       const std::optional<at::Tensor>& cu_seqlens,
       c10::SymInt max_seqlen,
-      c10::string_view backend) {
+      c10::string_view backend,
+      int64_t head_chunks) {
     at::AutoDispatchBelowADInplaceOrView guard;
     check_block_inputs(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads,
-                       cu_seqlens);
+                       cu_seqlens, head_chunks);
     // The core is picked once (docs/design.md §10.1), from the dims q will have.
     const BlockDims d = block_dims(wq_b, kv_a, wkv_b, num_heads);
     const std::string core = resolve_core_name(q_a, d.nope, d.rope, d.v,
                                                cu_seqlens.has_value() && cu_seqlens->defined(), std::string(backend));
     auto [y, q_rstd, kv_rstd] = mla_attention_block_with_rstd(
         q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads, softmax_scale,
-        q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens, max_seqlen, core);
+        q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens, max_seqlen, core, head_chunks);
     ctx->save_for_backward({q_a, q_norm_weight.value_or(at::Tensor()), wq_b, kv_a, kv_norm_weight, wkv_b, wo,
                             cos, sin, q_rstd, kv_rstd});
     ctx->saved_data["core"] = core;
     ctx->saved_data["has_bias"] = bo.has_value() && bo->defined();
     ctx->saved_data["num_heads"] = num_heads;
+    ctx->saved_data["head_chunks"] = head_chunks;
     ctx->saved_data["softmax_scale"] = softmax_scale;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["rope_interleave"] = rope_interleave;
@@ -97,39 +123,51 @@ class MlaAttentionBlockFunction : public torch::autograd::Function<MlaAttentionB
     const bool need_rope = need(kCos) || need(kSin);
 
     BlockLatents l = block_latents(q_a, q_norm_weight, q_rstd, wq_b, kv_a, kv_norm_weight, kv_rstd, wkv_b, cos,
-                                   sin, ctx->saved_data["num_heads"].toInt(), rope_interleave);
-    // Every recomputed tensor is released as soon as its last use is done: they are this step's
-    // transient peak (docs/design.md §13.5).
-    if (!need_rope) l.q_projected = at::Tensor();
-    at::Tensor out, lse;
-    std::tie(out, lse, std::ignore) = mla_attention(l.q, l.kv_latent, l.k_rope, wkv_b, softmax_scale, causal,
-                                        cu_seqlens, max_seqlen, core);
-
-    at::Tensor grad_out;
-    {  // o_proj: y = out·woᵀ + bo; the grad of y is not needed past it
-      const at::Tensor grad_y = std::move(grad_outputs[0]);
-      const at::Tensor grad_y_rows = grad_y.reshape_symint({-1, grad_y.sym_size(-1)});
-      if (need(kWo)) grads[kWo] = at::mm(grad_y_rows.t(), out.flatten(-2).reshape_symint({-1, wo.sym_size(1)}));
-      if (need(kBo)) grads[kBo] = grad_y_rows.sum(0);
-      grad_out = at::matmul(grad_y, wo).view_symint(out.sym_sizes());
-    }
-
-    auto [grad_q, grad_kv_latent, grad_k_rope, grad_wkv_b] = mla_attention_backward(
-        grad_out, l.q, l.kv_latent, l.k_rope, wkv_b, out, lse, softmax_scale, causal, cu_seqlens, max_seqlen, core);
-    grads[kWkvB] = grad_wkv_b;
-    out = grad_out = l.q = l.kv_latent = l.k_rope = at::Tensor();
-
+                                   sin, rope_interleave);
     const bool need_c_q = need(kQA) || need(kQNorm);
-    ExpandQGrads gq = expand_q_backward(grad_q, l.q_projected, l.c_q, wq_b, cos, sin, rope_interleave, need_c_q,
-                                        need(kWqB), need_rope);
-    grads[kWqB] = gq.wq_b;
-    grad_q = l.q_projected = l.c_q = at::Tensor();
+    const at::Tensor grad_y = std::move(grad_outputs[0]);
+    const at::Tensor grad_y_rows = grad_y.reshape_symint({-1, grad_y.sym_size(-1)});
+    if (need(kBo)) grads[kBo] = grad_y_rows.sum(0);
+    // One head group at a time (docs/design.md §13.6): its q, out and the attention's transients
+    // are recomputed, used and released before the next group's; the latent-side grads are summed
+    // over the groups, the weights' grads are the groups' row (column, for wo) slices.
+    at::Tensor grad_c_q, grad_kv_latent, grad_k_rope, grad_cos, grad_sin;
+    const int64_t num_heads = ctx->saved_data["num_heads"].toInt();
+    const BlockDims d = block_dims(wq_b, kv_a, wkv_b, num_heads);
+    for (const HeadChunk& chunk :
+         head_chunks_of(wq_b, wkv_b, wo, d, num_heads, ctx->saved_data["head_chunks"].toInt())) {
+      ChunkQ q = chunk_q(l.c_q, chunk, cos, sin, rope_interleave);
+      if (!need_rope) q.projected = at::Tensor();
+      auto [out, lse, ignored] = mla_attention(q.q, l.kv_latent, l.k_rope, chunk.wkv_b, softmax_scale, causal,
+                                               cu_seqlens, max_seqlen, core);
+      // o_proj over the group's heads: y = out·woᵀ + bo, so dwo = dyᵀ·out and dout = dy·wo.
+      if (need(kWo)) {
+        place(grads[kWo], at::mm(grad_y_rows.t(), out.flatten(-2).reshape_symint({-1, chunk.wo.sym_size(1)})), wo, 1,
+              d.v * chunk.first);
+      }
+      at::Tensor grad_out = at::matmul(grad_y, chunk.wo).view_symint(out.sym_sizes());
+      auto [grad_q, grad_latent, grad_rope, grad_w] = mla_attention_backward(
+          grad_out, q.q, l.kv_latent, l.k_rope, chunk.wkv_b, out, lse, softmax_scale, causal, cu_seqlens, max_seqlen,
+          core);
+      out = lse = grad_out = q.q = at::Tensor();
+      place(grads[kWkvB], std::move(grad_w), wkv_b, 0, (d.nope + d.v) * chunk.first);
+      accumulate(grad_kv_latent, std::move(grad_latent));
+      accumulate(grad_k_rope, std::move(grad_rope));
+      ExpandQGrads gq = expand_q_backward(grad_q, q.projected, l.c_q, chunk.wq_b, cos, sin, rope_interleave, need_c_q,
+                                          need(kWqB), need_rope);
+      place(grads[kWqB], std::move(gq.wq_b), wq_b, 0, (d.nope + d.rope) * chunk.first);
+      accumulate(grad_c_q, std::move(gq.q_latent));
+      accumulate(grad_cos, std::move(gq.cos));
+      accumulate(grad_sin, std::move(gq.sin));
+    }
+    l.c_q = l.kv_latent = l.k_rope = at::Tensor();
+
     if (need_c_q && q_norm_weight) {
-      RmsNormGrads gn = rms_norm_backward(gq.q_latent, q_a, *q_norm_weight, q_rstd, need(kQA), need(kQNorm));
+      RmsNormGrads gn = rms_norm_backward(grad_c_q, q_a, *q_norm_weight, q_rstd, need(kQA), need(kQNorm));
       grads[kQA] = gn.x;
       grads[kQNorm] = gn.weight;
     } else {
-      grads[kQA] = gq.q_latent;
+      grads[kQA] = grad_c_q;
     }
 
     RotateQGrads gk = rotate_q_backward(grad_k_rope.unsqueeze(-2), l.k_rope_raw.unsqueeze(-2), cos, sin,
@@ -141,8 +179,8 @@ class MlaAttentionBlockFunction : public torch::autograd::Function<MlaAttentionB
       grads[kKvNorm] = gn.weight;
     }
     if (need_rope) {
-      grads[kCos] = gq.cos.add(gk.cos);
-      grads[kSin] = gq.sin.add(gk.sin);
+      grads[kCos] = grad_cos.add(gk.cos);
+      grads[kSin] = grad_sin.add(gk.sin);
     }
     return grads;
   }
@@ -167,10 +205,11 @@ at::Tensor mla_attention_block_autograd(
     bool rope_interleave,
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
-    c10::string_view backend) {
+    c10::string_view backend,
+    int64_t head_chunks) {
   return MlaAttentionBlockFunction::apply(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin,
                                           num_heads, softmax_scale, q_norm_eps, kv_norm_eps, causal,
-                                          rope_interleave, cu_seqlens, std::move(max_seqlen), backend);
+                                          rope_interleave, cu_seqlens, std::move(max_seqlen), backend, head_chunks);
 }
 
 }  // namespace
