@@ -51,8 +51,8 @@ at::Tensor max_logits_from_scores(const CoreProblem& p, const at::Tensor& q, con
       if (need[seq.begin + i]) rows.push_back(i);
     }
     if (rows.empty()) continue;
-    const at::Tensor keys = kv.narrow(0, seq.begin, seq.len).to(acc);           // (L, H, Dn+Dv)
-    const at::Tensor k_nope = keys.narrow(2, 0, Dn).permute({1, 2, 0});         // (H, Dn, L)
+    const at::Tensor kv_seq = kv.narrow(0, seq.begin, seq.len).to(acc);         // (L, H, Dn+Dv)
+    const at::Tensor k_nope = kv_seq.narrow(2, 0, Dn).permute({1, 2, 0});       // (H, Dn, L)
     const at::Tensor k_r = k_rope.narrow(0, seq.begin, seq.len).to(acc).t();   // (Dr, L)
     const at::Tensor key_pos = at::arange(seq.len, opts.dtype(at::kLong));
     const int64_t most = p.causal ? kCausalRows : static_cast<int64_t>(rows.size());
