@@ -312,6 +312,21 @@ def test_double_backward_is_refused():
         grad_q_a.sum().backward()
 
 
+@pytest.mark.parametrize("head_chunks", [1, 2])
+@pytest.mark.parametrize("lead,seqlens", [((0, 5), None), ((2, 0), None), ((0,), []), ((0,), [0, 0])],
+                         ids=["no-sequences", "empty-sequences", "packed-none", "packed-empty"])
+def test_empty_batches_and_sequences(lead, seqlens, head_chunks):
+    """No tokens: an empty output and zero grads for every input, in one head group or two."""
+    inputs = {k: None if v is None else v.requires_grad_() for k, v in block_inputs(lead).items()}
+    cu = None if seqlens is None else cu_seqlens(seqlens)
+    y = mla_attention_block(**inputs, num_heads=TINY["heads"], cu_seqlens=cu, head_chunks=head_chunks)
+    assert y.shape == (*lead, TINY["hidden"])
+    y.sum().backward()
+    for name, t in inputs.items():
+        if t is not None:
+            assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any(), name
+
+
 BAD = {
     "kv_a": (lambda i: dict(i, kv_a=i["kv_a"][..., :6]), "kv_a must have shape"),
     "kv_norm_weight": (lambda i: dict(i, kv_norm_weight=i["kv_norm_weight"][:-1]), "kv_norm_weight must have shape"),
