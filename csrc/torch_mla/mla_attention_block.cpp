@@ -165,8 +165,8 @@ BlockForward block_forward(
   const BlockLatents l = block_latents(q_a, q_norm_weight, f.q_rstd, wq_b, kv_a, kv_norm_weight, f.kv_rstd, wkv_b,
                                        cos, sin, rope_interleave);
   const BlockDims d = block_dims(wq_b, kv_a, wkv_b, num_heads);
-  // y = Σ over head groups of out_g · wo_gᵀ: one group's q and out at a time (§13.6), the sum
-  // accumulated in y by GEMMs with beta = 1.
+  // y = Σ over head groups of out_g · wo_gᵀ: one group's q and out at a time (docs/design.md
+  // §13.6), the sum accumulated in y by GEMMs with beta = 1.
   for (const HeadChunk& chunk : head_chunks_of(wq_b, wkv_b, wo, d, num_heads, head_chunks)) {
     const at::Tensor out = std::get<0>(mla_attention(chunk_q(l.c_q, chunk, cos, sin, rope_interleave).q, l.kv_latent,
                                                      l.k_rope, chunk.wkv_b, softmax_scale, causal, cu_seqlens,
