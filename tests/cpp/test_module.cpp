@@ -103,6 +103,18 @@ std::vector<torch::Tensor> all_grads(const torch::Tensor& out, torch::nn::Module
   return grads_of(out, leaves);
 }
 
+// out against expected, and the grads of m's parameters and x through both, to 1e-12 relative.
+void check_same_results(const torch::Tensor& out, const torch::Tensor& expected, torch::nn::Module& m,
+                        const torch::Tensor& x) {
+  CHECK(max_rel_err(out, expected) <= 1e-12);
+  const auto grads = all_grads(out, m, x);
+  const auto expected_grads = all_grads(expected, m, x);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    CAPTURE(i);
+    CHECK(max_rel_err(grads[i], expected_grads[i]) <= 1e-12);
+  }
+}
+
 }  // namespace
 
 TEST_CASE("MultiHeadLatentAttention has Hugging Face's parameter names and shapes", "[module]") {
@@ -176,15 +188,7 @@ TEST_CASE("The latent-only block's head groups leave the result as Hugging Face'
   auto attn = make_module(o, torch::kDouble, 0);
   torch::manual_seed(1);
   const auto x = torch::randn({2, 13, 32}, torch::kDouble).requires_grad_(true);
-  const auto out = attn(x);
-  const auto ref = ref_attention(*attn, x, torch::arange(13), plain_rope(o));
-  CHECK(max_rel_err(out, ref) <= 1e-12);
-  const auto grads = all_grads(out, *attn, x);
-  const auto ref_grads = all_grads(ref, *attn, x);
-  for (size_t i = 0; i < grads.size(); ++i) {
-    CAPTURE(i);
-    CHECK(max_rel_err(grads[i], ref_grads[i]) <= 1e-12);
-  }
+  check_same_results(attn(x), ref_attention(*attn, x, torch::arange(13), plain_rope(o)), *attn, x);
 }
 
 TEST_CASE("MultiHeadLatentAttention refuses head_chunks below 1", "[module]") {
@@ -247,14 +251,7 @@ TEST_CASE("MultiHeadLatentAttention on packed sequences equals each sequence alo
     alone.push_back(attn(x.narrow(0, start, n).unsqueeze(0))[0]);
     start += n;
   }
-  const auto expected = torch::cat(alone);
-  CHECK(max_rel_err(packed, expected) <= 1e-12);
-  const auto grads = all_grads(packed, *attn, x);
-  const auto ref_grads = all_grads(expected, *attn, x);
-  for (size_t i = 0; i < grads.size(); ++i) {
-    CAPTURE(i);
-    CHECK(max_rel_err(grads[i], ref_grads[i]) <= 1e-12);
-  }
+  check_same_results(packed, torch::cat(alone), *attn, x);
 }
 
 TEST_CASE("MultiHeadLatentAttention's RoPE sees relative positions only", "[module]") {
