@@ -45,6 +45,18 @@ TEST_CASE("mla_attention's autograd node is torch_mla's C++ Function", "[functio
   CHECK(out.grad_fn()->next_edges().size() == 4);
 }
 
+// Runs a scope on one intra-op thread. Two identical calls of the composed core in float64 on two
+// threads differed in about 1 of 40 processes on a loaded machine (its ATen and BLAS calls split
+// their work by thread); on one thread none of 100 did. A bit-for-bit comparison needs that.
+class OneThread {
+ public:
+  OneThread() { at::set_num_threads(1); }
+  ~OneThread() { at::set_num_threads(threads_); }
+
+ private:
+  int threads_ = at::get_num_threads();
+};
+
 TEST_CASE("mla_attention_with_max_logits gives the reference's maximum logit per head", "[functional][max_logits]") {
   const bool causal = GENERATE(true, false);
   const std::string backend = GENERATE(as<std::string>{}, "cpu", "composed");
@@ -52,13 +64,14 @@ TEST_CASE("mla_attention_with_max_logits gives the reference's maximum logit per
   const Dims d;
   const Inputs x = make_inputs(d, {2, 37}, torch::kDouble, 5);
   const auto options = torch_mla::MlaOptions().causal(causal).backend(backend);
+  const OneThread one_thread;
   const auto [out, max_logits] = torch_mla::mla_attention_with_max_logits(x.q, x.kv_latent, x.k_rope, x.wkv_b, options);
   const auto ref = naive_max_logits(x.q, x.kv_latent, x.k_rope, x.wkv_b, default_scale(d), causal);
   REQUIRE(max_logits.sizes() == torch::IntArrayRef{d.heads});
   CHECK(max_logits.scalar_type() == torch::kDouble);
   CHECK_FALSE(max_logits.requires_grad());
   CHECK(max_rel_err(max_logits, ref) <= 1e-12);
-  // The same out as the plain call.
+  // The same out as the plain call, bit for bit (on one thread: OneThread).
   CHECK(torch::equal(out, torch_mla::mla_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, options)));
 }
 
