@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .hf_peft import check_adapters, peft_latent_attention
-from .modules import resolve_save
+from .modules import check_head_chunks, resolve_save
 
 _ATTENTION_CLASSES = (
     ("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2Attention"),
@@ -68,8 +68,7 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[
     Returns the number of attention modules patched by this call (already patched ones are skipped).
     """
     save = resolve_save(save, save_q_latent)
-    if head_chunks is not None and head_chunks < 1:
-        raise ValueError(f"torch_mla.patch_model: head_chunks must be >= 1 or None, got {head_chunks}")
+    head_chunks = check_head_chunks(head_chunks)
     classes = _attention_classes()
     count = 0
     for module in model.modules() if classes else ():

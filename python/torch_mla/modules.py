@@ -35,6 +35,13 @@ def resolve_save(save: Optional[str], save_q_latent: bool) -> str:
     return save
 
 
+def check_head_chunks(head_chunks: Optional[int]) -> Optional[int]:
+    """`head_chunks` checked: None (the op's default) or at least 1."""
+    if head_chunks is not None and head_chunks < 1:
+        raise ValueError(f"head_chunks must be >= 1 or None, got {head_chunks}")
+    return head_chunks
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed as Hugging Face's DeepSeek RMSNorm (statistics in float32,
     the weight applied in the input dtype) by the op ``torch_mla::rms_norm``, which saves only its
@@ -136,6 +143,7 @@ def keep_max_logits(attn: nn.Module, result):
         return result
     out, attn.max_logits = result
     return out
+
 
 def _latent_only_block(attn: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                        scale: float, rope_interleave: bool, cu_seqlens: Optional[torch.Tensor],
@@ -286,9 +294,7 @@ class MultiHeadLatentAttention(nn.Module):
 
         # Keeping q as a latent is torch_mla's op; the baselines attend on q itself.
         self.save = resolve_save(save, save_q_latent) if attention_core == "torch_mla" else "q"
-        if head_chunks is not None and head_chunks < 1:
-            raise ValueError(f"head_chunks must be >= 1 or None, got {head_chunks}")
-        self.head_chunks = head_chunks
+        self.head_chunks = check_head_chunks(head_chunks)
         self.scaling = softmax_scale(self.qk_head_dim, self.rope_scaling)
 
         if q_lora_rank is None:
