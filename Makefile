@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` (the main job) and `make test` (every test).
-# Both set everything up first (scripts/setup_env.sh: venv, pinned torch, build).
+# Both set everything up first (scripts/setup_env.sh: venv, pinned torch, the one build).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -10,10 +10,12 @@ setup:
 demo: setup
 	$(PY) -m torch_mla.demo
 
-# C++ (ctest, the out-of-tree example) first, so that pytest's summary line closes the output.
+# The library is built once, with its Catch2 tests; C++ (ctest, the out-of-tree example) first,
+# so that pytest's summary line closes the output.
+test: export TORCH_MLA_BUILD_TESTS = ON
 test: setup
 	VENV=$(VENV) bash scripts/test_cpp.sh
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest tests --durations=15
 
 bench: setup
 	$(PY) -m torch_mla.bench all

@@ -5,7 +5,7 @@
 // OS thread. Threads run until they reach a synchronisation point (a CTA barrier, a warp barrier or
 // a warp collective: shfl, ldmatrix, mma); the scheduler then runs the next thread, in a
 // configurable order. The device-side functions below are what the kernels call (through the
-// switch header csrc/torch_mla/cuda/mla_target.cuh); each checks its operands and ends the launch
+// switch header csrc/torch_mla/cores/cuda/mla_target.cuh); each checks its operands and ends the launch
 // with simt::Error naming the kernel, block, thread and the check.
 #include <cstddef>
 #include <cstdint>

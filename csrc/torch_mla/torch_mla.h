@@ -4,7 +4,7 @@
 //   torch_mla::MultiHeadLatentAttention (torch::nn module, Hugging Face parameter names)
 //   torch_mla::RMSNorm
 // Link with TorchMLA::torch_mla (find_package(TorchMLA)). The raw dispatcher ops (returning lse,
-// and the backward) are in torch_mla/mla_attention.h.
+// and the backward) are in torch_mla/ops/mla_attention.h.
 #include "torch_mla/api/functional.h"
 #include "torch_mla/api/module.h"
-#include "torch_mla/mla_attention.h"
+#include "torch_mla/ops/mla_attention.h"

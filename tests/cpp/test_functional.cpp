@@ -59,11 +59,11 @@ class OneThread {
 
 TEST_CASE("mla_attention_with_max_logits gives the reference's maximum logit per head", "[functional][max_logits]") {
   const bool causal = GENERATE(true, false);
-  const std::string backend = GENERATE(as<std::string>{}, "cpu", "composed");
-  CAPTURE(causal, backend);
+  const std::string core = GENERATE(as<std::string>{}, "cpu", "composed");
+  CAPTURE(causal, core);
   const Dims d;
   const Inputs x = make_inputs(d, {2, 37}, torch::kDouble, 5);
-  const auto options = torch_mla::MlaOptions().causal(causal).backend(backend);
+  const auto options = torch_mla::MlaOptions().causal(causal).core(core);
   const OneThread one_thread;
   const auto [out, max_logits] = torch_mla::mla_attention_with_max_logits(x.q, x.kv_latent, x.k_rope, x.wkv_b, options);
   const auto ref = naive_max_logits(x.q, x.kv_latent, x.k_rope, x.wkv_b, default_scale(d), causal);
@@ -131,19 +131,19 @@ TEST_CASE("mla_attention on packed sequences equals each sequence alone", "[func
   }
 }
 
-TEST_CASE("MlaOptions().backend forces an attention core and explain says which and why", "[cores]") {
+TEST_CASE("MlaOptions().core forces an attention core and explain says which and why", "[cores]") {
   const Dims d;
   const Inputs x = make_inputs(d, {2, 9}, torch::kDouble, 0);
   const std::string chosen = torch_mla::explain(x.q, x.kv_latent, x.k_rope, x.wkv_b);
   CHECK(chosen.rfind("cpu\n", 0) == 0);
-  CHECK_THAT(chosen, Catch::Contains("kernels: no: runs on CUDA tensors only"));
-  CHECK(torch_mla::explain(x.q, x.kv_latent, x.k_rope, x.wkv_b, torch_mla::MlaOptions().backend("composed"))
+  CHECK_THAT(chosen, Catch::Contains("cuda: no: runs on CUDA tensors only"));
+  CHECK(torch_mla::explain(x.q, x.kv_latent, x.k_rope, x.wkv_b, torch_mla::MlaOptions().core("composed"))
             .rfind("composed\n", 0) == 0);
 
   // Both CPU cores compute the same function: within rounding of each other in float64.
-  const auto on_cpu = torch_mla::mla_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, torch_mla::MlaOptions().backend("cpu"));
+  const auto on_cpu = torch_mla::mla_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, torch_mla::MlaOptions().core("cpu"));
   const auto composed =
-      torch_mla::mla_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, torch_mla::MlaOptions().backend("composed"));
+      torch_mla::mla_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, torch_mla::MlaOptions().core("composed"));
   CHECK(max_rel_err(composed, on_cpu) <= 1e-12);
   const auto grads = grads_of(composed, x.list());
   const auto ref_grads = grads_of(on_cpu, x.list());
@@ -152,8 +152,8 @@ TEST_CASE("MlaOptions().backend forces an attention core and explain says which 
     CHECK(max_rel_err(grads[i], ref_grads[i]) <= 1e-12);
   }
   REQUIRE_THROWS_WITH(
-      torch_mla::mla_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, torch_mla::MlaOptions().backend("cudnn")),
-      Catch::Contains("backend \"cudnn\" cannot serve this call: runs on CUDA tensors only"));
+      torch_mla::mla_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, torch_mla::MlaOptions().core("cudnn")),
+      Catch::Contains("core \"cudnn\" cannot serve this call: runs on CUDA tensors only"));
 }
 
 TEST_CASE("mla_attention rejects bad arguments with a message naming the argument", "[errors]") {

@@ -1,8 +1,8 @@
-// Our CUDA kernels (csrc/torch_mla/cuda, compiled as host C++ under TORCH_MLA_SIMT) run on the
+// Our CUDA kernels (csrc/torch_mla/cores/cuda, compiled as host C++ under TORCH_MLA_SIMT) run on the
 // emulator on host arrays, against a float64 reference, by FlashAttention's rule: the kernel's
 // largest error is at most 2× (forward) / 3× (gradients) that of a naive low-precision
 // implementation (T-rounded matmul outputs, float accumulation). No torch: the launchers are
-// called as mla_attention_cuda.cu calls them, with MlaParams filled the same way.
+// called as cores/cuda/cuda_core.cu calls them, with MlaParams filled the same way.
 //
 // Every tensor lives in a buffer whose memory past its logical end is NaN and not registered for
 // the launch (a read there fails the launch); non-contiguous inputs have NaN gaps between rows
@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "simt/simt.h"
-#include "torch_mla/cuda/mla_params.h"
+#include "torch_mla/cores/cuda/mla_params.h"
 
 namespace {
 

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "test_util.h"
-#include "torch_mla/cuda/mla_mma.cuh"
+#include "torch_mla/cores/cuda/mla_mma.cuh"
 
 namespace {
 

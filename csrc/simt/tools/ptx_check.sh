@@ -10,8 +10,8 @@ OUT=${1:-$(mktemp -d)}
 mkdir -p "$OUT"
 flags=(-std=c++20 --expt-relaxed-constexpr -arch=sm_90 -Icsrc -I"$TI" -I"$TI/torch/csrc/api/include")
 for f in forward_bf16 backward_bf16 forward_fp16 backward_fp16; do
-  nice nvcc "${flags[@]}" -ptx "csrc/torch_mla/cuda/mla_$f.cu" -o "$OUT/$f.ptx"
-  nice nvcc "${flags[@]}" -Xptxas -v -c "csrc/torch_mla/cuda/mla_$f.cu" -o "$OUT/$f.o" 2> "$OUT/$f.ptxas.txt"
+  nice nvcc "${flags[@]}" -ptx "csrc/torch_mla/cores/cuda/mla_$f.cu" -o "$OUT/$f.ptx"
+  nice nvcc "${flags[@]}" -Xptxas -v -c "csrc/torch_mla/cores/cuda/mla_$f.cu" -o "$OUT/$f.o" 2> "$OUT/$f.ptxas.txt"
   awk '/Compiling entry function/ { match($0, /_Z[A-Za-z0-9_]+/); name = substr($0, RSTART, RLENGTH) }
        /spill stores/ { spill = $0; sub(/^ +/, "", spill) }
        /Used [0-9]+ registers/ { match($0, /Used [0-9]+ registers/); regs = substr($0, RSTART + 5, RLENGTH - 15);

@@ -4,7 +4,7 @@
 
 #include <cmath>
 
-#include "torch_mla/mla_attention.h"
+#include "torch_mla/ops/mla_attention.h"
 
 namespace torch_mla {
 
@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor> call_op(const at::Tensor& q, const at::Tensor
                                            const at::Tensor& wkv_b, const MlaOptions& options, bool max_logits) {
   const double scale = options.softmax_scale() ? *options.softmax_scale() : default_softmax_scale(q);
   auto [out, lse, logits] = mla_attention(q, kv_latent, k_rope, wkv_b, scale, options.causal(), options.cu_seqlens(),
-                                          c10::SymInt(options.max_seqlen()), options.backend(), max_logits);
+                                          c10::SymInt(options.max_seqlen()), options.core(), max_logits);
   return {out, logits};
 }
 
@@ -56,7 +56,7 @@ std::string explain(
                        .findSchemaOrThrow("torch_mla::_explain", "")
                        .typed<std::string(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                           const std::optional<at::Tensor>&, c10::string_view)>();
-  return op.call(q, kv_latent, k_rope, wkv_b, options.cu_seqlens(), options.backend());
+  return op.call(q, kv_latent, k_rope, wkv_b, options.cu_seqlens(), options.core());
 }
 
 }  // namespace torch_mla

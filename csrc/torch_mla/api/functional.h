@@ -23,9 +23,9 @@ struct MlaOptions {
   TORCH_ARG(std::optional<at::Tensor>, cu_seqlens) = std::nullopt;
   // Longest packed sequence if known: a bound every sequence must respect (checked); 0: not given.
   TORCH_ARG(int64_t, max_seqlen) = 0;
-  // The attention core: "auto" (the TORCH_MLA_BACKEND environment variable, else the selection rule
-  // of docs/design.md §10.3) or a core's name: "cudnn", "kernels", "efficient", "composed", "cpu".
-  TORCH_ARG(std::string, backend) = "auto";
+  // The attention core: "auto" (the TORCH_MLA_CORE environment variable, else the selection rule
+  // of docs/design.md §10.3) or a core's name: "cudnn", "cuda", "efficient", "cpu", "composed".
+  TORCH_ARG(std::string, core) = "auto";
 };
 
 // Multi-Head Latent Attention from the latents; differentiable in q, kv_latent, k_rope and wkv_b.

@@ -8,10 +8,11 @@
 #include <tuple>
 
 #include "torch_mla/api/functional.h"
-#include "torch_mla/mla_attention_block.h"
-#include "torch_mla/mla_attention_q_latent.h"
-#include "torch_mla/q_expand.h"
-#include "torch_mla/rms_norm.h"
+#include "torch_mla/ops/mla_attention_block.h"
+#include "torch_mla/ops/mla_attention_q_latent.h"
+#include "torch_mla/layer/q_expand.h"
+#include "torch_mla/layer/rms_norm.h"
+#include "torch_mla/ops/rms_norm.h"
 
 namespace torch_mla {
 namespace {

@@ -14,7 +14,7 @@
 #include <ostream>
 #include <string>
 
-#include "torch_mla/mla_attention_block.h"
+#include "torch_mla/ops/mla_attention_block.h"
 
 namespace torch_mla {
 

@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "torch_mla/mla_sequences.h"
+#include "torch_mla/layer/sequences.h"
 
 namespace torch_mla {
 
@@ -40,7 +40,7 @@ struct CoreGrads {
   at::Tensor grad_q, grad_kv, grad_k_rope;
 };
 
-// A core's implementation; which calls it can serve is decided by select.h, in one place.
+// A core's implementation; which calls it can serve is decided by cores/table.h, in one place.
 struct AttentionCore {
   std::string name;
   CoreOutputs (*forward)(const CoreProblem& p, const at::Tensor& q, const at::Tensor& kv,

@@ -1,0 +1,88 @@
+#pragma once
+// The one table of attention cores (docs/design.md §10.3): every core's name, the device it runs
+// on, whether `auto` may pick it, and why it cannot serve a call, as pure functions of the call's
+// metadata so that the rule is tested on any machine. Names, auto order, explain's lines and the
+// error listing the cores all come from this table; Python asks it (torch_mla.cores.names()).
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+#include <c10/core/ScalarType.h>
+#include <c10/core/SymInt.h>
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace torch_mla {
+
+// The metadata selection looks at; never tensor data.
+struct CoreQuery {
+  c10::DeviceType device = c10::DeviceType::CPU;
+  int capability = 0;  // CUDA compute capability as 10·major + minor (90 = sm_90); 0 off CUDA
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  int64_t dim_nope = 0, dim_rope = 0, dim_v = 0;
+  bool varlen = false;
+  bool deterministic = false;
+  int64_t cudnn_version = 0;      // the torch build's cuDNN as 10000·major + 100·minor + patch; 0: none
+  std::vector<int> kernel_archs;  // archs our CUDA kernels were compiled for; empty: not compiled
+  bool simt_built = false;        // the SIMT-emulated kernels are in this build
+};
+
+using Reason = std::optional<std::string>;  // why a core cannot serve a call; nullopt: it can
+
+// One row of the table.
+struct CoreEntry {
+  const char* name;
+  std::optional<c10::DeviceType> device;  // the only device it runs on; nullopt: any (composed)
+  bool in_auto;                           // `auto` may pick it (simt, for tests, is never picked)
+  Reason (*declines)(const CoreQuery&);   // the core's own limits, its device already matched
+};
+
+// Every core, in the order `auto` tries them (on each device, the rows of that device and of any).
+const std::vector<CoreEntry>& core_table();
+
+// The names of core_table(), in its order.
+std::vector<std::string> core_names();
+
+// Why `core` cannot serve `query`, or nullopt when it can (the device check included).
+Reason unsupported_reason(const std::string& core, const CoreQuery& query);
+
+struct CoreChoice {
+  std::string core;                                  // the core that runs
+  std::vector<std::pair<std::string, Reason>> why;   // every core of the table: nullopt = can serve
+};
+
+// The core for `core` ("auto" or a core name). "auto": the first core of the table for the
+// query's device that can serve it. A name: that core, or a ValueError naming why it cannot and
+// which can.
+CoreChoice choose_core(const CoreQuery& query, const std::string& core);
+
+// The query of a call on tensors like `like` (device, dtype) with these head dims; fills in the
+// device's capability, the torch build's cuDNN, what this build compiled and the determinism flag.
+CoreQuery query_for(const at::Tensor& like, const c10::SymInt& dim_nope, const c10::SymInt& dim_rope,
+                    const c10::SymInt& dim_v, bool varlen);
+
+// `core`, with "auto" replaced by the environment's TORCH_MLA_CORE when that is set (the older
+// TORCH_MLA_BACKEND is read too, for one release).
+std::string requested_core(const std::string& core);
+
+// The concrete core name a call takes (what the autograd Functions record for the backward).
+// Tensors on devices without cores (e.g. meta) keep the request as it is, once it is checked to
+// name a core.
+std::string resolve_core_name(const at::Tensor& like, const c10::SymInt& dim_nope,
+                              const c10::SymInt& dim_rope, const c10::SymInt& dim_v, bool varlen,
+                              const std::string& core);
+
+// choose_core as text, for torch_mla.explain: the chosen core on the first line, then one line per
+// core, "name: yes" or "name: no: why".
+std::string explain_choice(const CoreQuery& query, const std::string& core);
+
+// The archs this build compiled the `cuda` core for (CMake's TORCH_MLA_CUDA_ARCHS); empty when it
+// has no CUDA kernels.
+std::vector<int> compiled_kernel_archs();
+
+// The CUDA compute capability of a device (10·major + minor), 0 when unknown. Implemented where
+// the CUDA runtime headers are available (cores/cuda_capability.cpp).
+int cuda_capability(c10::DeviceIndex index);
+
+}  // namespace torch_mla

@@ -1,0 +1,57 @@
+// Private ops over the core table (cores/table.h) for torch_mla.cores and tests: which core a call
+// takes and why, the selection rule on a described call, the table's names, the archs compiled,
+// and the chunk-budget test hook (layer/chunking.h).
+#include <torch/library.h>
+
+#include "torch_mla/cores/table.h"
+#include "torch_mla/layer/checks.h"
+#include "torch_mla/layer/chunking.h"
+
+namespace torch_mla {
+namespace {
+
+// _explain / _choose_core: which attention core a call takes and why (docs/design.md §10.3).
+std::string explain(const at::Tensor& q, const at::Tensor& kv_latent, const at::Tensor& k_rope,
+                    const at::Tensor& wkv_b, const std::optional<at::Tensor>& cu_seqlens, c10::string_view core) {
+  const MlaDims d = check_mla_inputs(q, kv_latent, k_rope, wkv_b, cu_seqlens);
+  return explain_choice(query_for(q, d.dim_nope, d.dim_rope, d.dim_v, d.varlen), std::string(core));
+}
+
+// The selection rule on a query given field by field, so that it can be tested on any machine.
+std::string choose_core_for(c10::string_view device, int64_t capability, at::ScalarType dtype, int64_t dim_nope,
+                            int64_t dim_rope, int64_t dim_v, bool varlen, bool deterministic, int64_t cudnn_version,
+                            std::vector<int64_t> kernel_archs, bool simt_built, c10::string_view core) {
+  CoreQuery query;
+  query.device = c10::Device(std::string(device)).type();
+  query.capability = static_cast<int>(capability);
+  query.dtype = dtype;
+  query.dim_nope = dim_nope;
+  query.dim_rope = dim_rope;
+  query.dim_v = dim_v;
+  query.varlen = varlen;
+  query.deterministic = deterministic;
+  query.cudnn_version = cudnn_version;
+  query.kernel_archs.assign(kernel_archs.begin(), kernel_archs.end());
+  query.simt_built = simt_built;
+  return explain_choice(query, std::string(core));
+}
+
+std::vector<int64_t> kernel_archs() {
+  const std::vector<int> archs = compiled_kernel_archs();
+  return {archs.begin(), archs.end()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
+  m.def("_explain(Tensor q, Tensor kv_latent, Tensor k_rope, Tensor wkv_b, Tensor? cu_seqlens, str core) -> str",
+        TORCH_FN(explain));
+  m.def("_choose_core(str device, int capability, ScalarType dtype, int dim_nope, int dim_rope, int dim_v, "
+        "bool varlen, bool deterministic, int cudnn_version, int[] kernel_archs, bool simt_built, str core) -> str",
+        TORCH_FN(choose_core_for));
+  m.def("_core_names() -> str[]", TORCH_FN(core_names));
+  m.def("_kernel_archs() -> int[]", TORCH_FN(kernel_archs));
+  m.def("_set_chunk_elements(int n) -> int", TORCH_FN(set_chunk_elements));
+}
+
+}  // namespace torch_mla

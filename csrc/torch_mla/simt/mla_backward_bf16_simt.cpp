@@ -1,3 +1,0 @@
-// The kernel instantiations of cuda/mla_backward_bf16.cu, compiled as host C++ for the emulator
-// (TORCH_MLA_SIMT, set for csrc/torch_mla/simt/ only by CMakeLists.txt).
-#include "torch_mla/cuda/mla_backward_bf16.cu"
