@@ -16,7 +16,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) -m torch_mla.bench all
+	$(PY) benchmarks/bench.py all
 
 bench-cpu: setup
 	$(PY) benchmarks/bench_cpu.py

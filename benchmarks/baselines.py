@@ -1,5 +1,7 @@
-"""What people train MLA with today, as attention cores with mla_attention's signature, for the
-demo and the benchmarks: each expands K and V per head (HF-style) before attending.
+"""What people train MLA with today, for the benchmarks and the demo: attention cores with
+mla_attention's signature that each expand K and V per head (HF-style) before attending, and
+:class:`ExpandedAttention`, MultiHeadLatentAttention's block (same parameters, same glue) with
+one of them in place of torch_mla's op.
 
     expanded_eager            HF "eager": full score matrix and softmax (= reference.py)
     expanded_sdpa             HF "sdpa": torch's scaled_dot_product_attention on expanded K/V
@@ -12,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .functional import default_softmax_scale, mla_attention
-from .reference import expand_kv, mla_attention_reference
+from torch_mla import MultiHeadLatentAttention
+from torch_mla.nn.glue import latent_attention
+from torch_mla.ops import default_softmax_scale, mla_attention
+from torch_mla.reference import expand_kv, mla_attention_reference
 
 
 def _sdpa_padded(q, kv_latent, k_rope, wkv_b, softmax_scale, causal):
@@ -58,3 +62,42 @@ ATTENTION_CORES = {
     "sdpa": expanded_sdpa,
     "sdpa_recompute": expanded_sdpa_recompute,
 }
+
+
+class ExpandedAttention(MultiHeadLatentAttention):
+    """MultiHeadLatentAttention's parameters, RoPE and projections with the attention of `core`
+    (a key of ATTENTION_CORES) on q itself: the block people train MLA with, for comparisons.
+    Takes MultiHeadLatentAttention's arguments, ``save`` and ``save_q_latent`` excepted; the
+    max-logit record and context parallelism are torch_mla's alone."""
+
+    def __init__(self, core: str, **kwargs):
+        if core not in ATTENTION_CORES:
+            raise ValueError(f"core must be one of {sorted(ATTENTION_CORES)}, got {core!r}")
+        if kwargs.get("record_max_logits"):
+            raise ValueError(f"record_max_logits needs torch_mla's op, not the {core!r} baseline")
+        super().__init__(save="q", **kwargs)
+        self.core = core
+
+    def forward(self, hidden_states: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:
+        """As MultiHeadLatentAttention's forward."""
+        if self.context_parallel_group is not None:
+            raise ValueError(f"ExpandedAttention ({self.core!r}): context parallelism is torch_mla's alone")
+        cos, sin = self.rotation(hidden_states, position_ids, cu_seqlens)
+        out, _, _ = latent_attention(self, hidden_states, cos, sin, scale=self.scaling,
+                                     rope_interleave=self.rope_interleave, save="q",
+                                     attention=ATTENTION_CORES[self.core], cu_seqlens=cu_seqlens,
+                                     max_seqlen=max_seqlen)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"core={self.core!r}, " + super().extra_repr()
+
+
+def attention_block(core: str, **kwargs) -> MultiHeadLatentAttention:
+    """MultiHeadLatentAttention(**kwargs) for ``core="torch_mla"``, else ExpandedAttention(core)."""
+    if core == "torch_mla":
+        return MultiHeadLatentAttention(**kwargs)
+    kwargs.pop("save", None)
+    kwargs.pop("save_q_latent", None)
+    return ExpandedAttention(core, **kwargs)

@@ -1,5 +1,6 @@
-"""A small decoder-only language model built from MultiHeadLatentAttention, for the demo, the
-benchmarks and the distributed tests (DeepSeek-style blocks: pre-RMSNorm, MLA, gated SiLU MLP)."""
+"""A small decoder-only language model built from MultiHeadLatentAttention (or a baseline's block,
+baselines.py), for the demo, the benchmarks and the distributed tests (DeepSeek-style blocks:
+pre-RMSNorm, MLA, gated SiLU MLP)."""
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -7,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import MultiHeadLatentAttention, RMSNorm
+from torch_mla import MultiHeadLatentAttention
+from torch_mla.nn import RMSNorm
+
+from baselines import attention_block
 
 
 @dataclass
@@ -24,18 +28,17 @@ class MLAConfig:
     v_head_dim: int = 32
     intermediate_size: int = 256
     rope_theta: float = 10000.0
-    #: "torch_mla" or a baseline of torch_mla.baselines.ATTENTION_CORES ("eager", "sdpa", ...).
+    #: "torch_mla" or a baseline of baselines.ATTENTION_CORES ("eager", "sdpa", ...).
     attention_core: str = "torch_mla"
     save_q_latent: bool = True
     extra: dict = field(default_factory=dict)
 
     def attention(self) -> MultiHeadLatentAttention:
-        return MultiHeadLatentAttention(
-            hidden_size=self.hidden_size, num_heads=self.num_heads, q_lora_rank=self.q_lora_rank,
-            kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
-            qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim,
-            rope_theta=self.rope_theta, attention_core=self.attention_core,
-            save_q_latent=self.save_q_latent and self.attention_core == "torch_mla", **self.extra)
+        return attention_block(
+            self.attention_core, hidden_size=self.hidden_size, num_heads=self.num_heads,
+            q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim, rope_theta=self.rope_theta,
+            save_q_latent=self.save_q_latent, **self.extra)
 
 
 class MLP(nn.Module):

@@ -105,8 +105,8 @@ def latent_attention(
     hidden_states (B, S, hidden) | packed (T, hidden) with cu_seqlens; cos, sin (B, S, Dr/2) |
     (T, Dr/2). Returns (output like hidden_states, kv_latent (..., Dc), k_rope (..., Dr) rotated);
     with ``save="latent"`` the block runs as one op (mla_attention_block) and the latents are not
-    returned (None, None). `save`: one of :data:`torch_mla.nn.attention.SAVE_CHOICES`. `attention` (mla_attention's signature)
-    serves ``save="q"``.
+    returned (None, None). `save`: one of :data:`torch_mla.nn.attention.SAVE_CHOICES`.
+    `attention` (mla_attention's signature) serves ``save="q"``.
     Under tensor parallelism each rank attends with its own heads, those of its weight shards.
     When ``attn.record_max_logits`` is true, the call's per-head maximum logit (its local heads
     under tensor parallelism) is stored in ``attn.max_logits`` (docs/design.md §12).
