@@ -1,4 +1,4 @@
-"""What people train MLA with today, for the benchmarks and the demo: attention cores with
+"""What people train MLA with today, for the benchmarks: attention cores with
 mla_attention's signature that each expand K and V per head (HF-style) before attending, and
 :class:`ExpandedAttention`, MultiHeadLatentAttention's block (same parameters, same glue) with
 one of them in place of torch_mla's op.
@@ -95,9 +95,9 @@ class ExpandedAttention(MultiHeadLatentAttention):
 
 
 def attention_block(core: str, **kwargs) -> MultiHeadLatentAttention:
-    """MultiHeadLatentAttention(**kwargs) for ``core="torch_mla"``, else ExpandedAttention(core)."""
+    """MultiHeadLatentAttention(**kwargs) for ``core="torch_mla"``, else ExpandedAttention(core)
+    (``save`` dropped: a baseline keeps what its attention keeps)."""
     if core == "torch_mla":
         return MultiHeadLatentAttention(**kwargs)
     kwargs.pop("save", None)
-    kwargs.pop("save_q_latent", None)
     return ExpandedAttention(core, **kwargs)
