@@ -18,7 +18,7 @@ test: setup
 	$(PY) -m pytest tests --durations=15
 
 bench: setup
-	$(PY) -m torch_mla.bench all
+	$(PY) benchmarks/bench.py all
 
 bench-cpu: setup
 	$(PY) benchmarks/bench_cpu.py

@@ -6,7 +6,7 @@ events, warm-up, median of --reps) and measures the peak memory of one forward+b
 from the latents, so all compute the same function:
 
   torch_mla          torch_mla.mla_attention, core "auto" (the one it picks is printed)
-  mla:CORE           the same with each attention core forced (cudnn, kernels, efficient; composed
+  mla:CORE           the same with each attention core forced (cudnn, cuda, efficient; composed
                      at S <= 4096): one run settles which core wins at each shape
   sdpa_cudnn         HF-style: KV = c·wkv_bᵀ, k = [k_nope | k_rope broadcast], SDPA on cuDNN
   sdpa_efficient     the same with the memory-efficient backend
@@ -39,7 +39,7 @@ H, DN, DR, DV, DC = 128, 128, 64, 128, 512  # DeepSeek-V3 (docs/design.md §7)
 DTYPE = torch.bfloat16
 EAGER_MAX_SEQLEN = 1024
 COMPOSED_MAX_SEQLEN = 4096
-FORCED_CORES = ("cudnn", "kernels", "efficient", "composed")
+FORCED_CORES = ("cudnn", "cuda", "efficient", "composed")
 
 
 def median_ms(fn, warmup, reps, setup=None):
@@ -108,7 +108,7 @@ def upproj_recompute_method():
 
 def torch_mla_method(core):
     def run(q, kv_latent, k_rope, wkv_b):
-        with torch_mla.use_backend(core):  # the backward runs the forward's core
+        with torch_mla.use_core(core):  # the backward runs the forward's core
             return torch_mla.mla_attention(q, kv_latent, k_rope, wkv_b, causal=True)
     return run
 

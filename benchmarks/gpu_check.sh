@@ -78,7 +78,7 @@ for dn, dr, dv, dc in [(128, 64, 128, 512), (64, 32, 64, 256)]:
             w = (torch.randn(heads * (dn + dv), dc, device="cuda") * dc ** -0.5).to(torch.bfloat16).requires_grad_(True)
             cu = torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], dtype=torch.int32,
                               device="cuda") if seqlens else None
-            with torch_mla.use_backend("kernels"):  # our kernels are what the sanitizers check
+            with torch_mla.use_core("cuda"):  # our kernels are what the sanitizers check
                 out = torch_mla.mla_attention(q, c, kr, w, cu_seqlens=cu)
             out.backward(torch.randn_like(out))
             torch.cuda.synchronize()
@@ -119,9 +119,9 @@ stage tests 200 '"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -
 stage cpu_tests 120 '"$PYTHON" -m pytest -q -p no:cacheprovider tests --ignore=tests/test_cuda.py'
 stage memcheck 75 'sanitize memcheck'
 stage racecheck 75 'sanitize racecheck'
-# The benchmark budget (200 s) is shared: the block-level suites (torch_mla.bench: memory and
+# The benchmark budget (200 s) is shared: the block-level suites (benchmarks/bench.py: memory and
 # speed vs HF-style baselines, CSV + plots in $LOG_DIR/bench), then the op-level kernel table.
-stage bench 100 "\"\$PYTHON\" -m torch_mla.bench all --no-progress --out \"$LOG_DIR/bench\""
+stage bench 100 "\"\$PYTHON\" benchmarks/bench.py all --no-progress --out \"$LOG_DIR/bench\""
 stage bench_op 100 "\"\$PYTHON\" benchmarks/bench_gpu.py ${BENCH_ARGS:-}"
 rm -f "$SANITIZE_PY" "$CORE_TOTALS_PY"
 

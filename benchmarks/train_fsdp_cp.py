@@ -17,7 +17,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from torch_mla.distributed import shard_positions, shard_sequence
-from torch_mla.models import MLAConfig, MLATransformerLM, periodic_sequences
+
+from models import MLAConfig, MLATransformerLM, periodic_sequences
 
 
 def sharded_loss(model, tokens, seqlen):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import torch_mla
-from torch_mla.baselines import ATTENTION_CORES
+from baselines import ATTENTION_CORES
 from mla_testing import SMALL, assert_matches_reference, make_inputs
 
 

@@ -1,4 +1,4 @@
-"""python -m torch_mla.bench at tiny sizes (seconds): its files, the sanity of its numbers, and
+"""python benchmarks/bench.py at tiny sizes (seconds): its files, the sanity of its numbers, and
 the counting functions behind them (FLOPs, context-parallel bytes, the longest-S estimate)."""
 import csv
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from torch_mla import bench
 from torch_mla.reference import expand_kv, mla_attention_reference
+
+import bench
 
 HEADS, HIDDEN, Q_LORA, (DN, DR, DV, DC) = 2, 64, 32, (16, 8, 16, 32)
 SEQLENS = (32, 64)

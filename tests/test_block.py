@@ -7,7 +7,7 @@ import torch
 
 import torch_mla
 from torch_mla import MultiHeadLatentAttention
-from torch_mla.block import mla_attention_block, rms_norm
+from torch_mla.ops import mla_attention_block, rms_norm
 from mla_testing import max_abs_err, max_rel_err, peak_live_bytes
 from module_spec import block_spec
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import torch_mla
-from torch_mla.backends import choose_core
+from torch_mla.cores import choose_core
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 DSV3 = (128, 64, 128)

@@ -97,10 +97,10 @@ def test_auto_takes_the_rule_for_this_device():
     major, minor = torch.cuda.get_device_capability()
     inputs, cu = cuda_inputs(DSV3, torch.bfloat16, seqlens=[70, 1, 129], requires_grad=False)
     chosen = torch_mla.explain(*(inputs[k] for k in TENSOR_ARGS), cu_seqlens=cu).core
-    described = torch_mla.backends.choose_core(
+    described = torch_mla.cores.choose_core(
         device="cuda", capability=10 * major + minor, dtype=torch.bfloat16, dim_nope=DSV3.nope,
         dim_rope=DSV3.rope, dim_v=DSV3.v, varlen=True, cudnn_version=torch.backends.cudnn.version() or 0,
-        kernel_archs=torch_mla.backends.compiled_kernel_archs()).core
+        kernel_archs=torch_mla.cores.compiled_kernel_archs()).core
     assert chosen == described
     print(f"\nauto on sm_{major}{minor}, DSv3 bf16 packed: {chosen}")
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from torch_mla.distributed import shard_sequence
-from torch_mla.models import MLAConfig, MLATransformerLM, next_token_loss, periodic_sequences
+from models import MLAConfig, MLATransformerLM, next_token_loss, periodic_sequences
 from dist_testing import run_ranks
 from mla_testing import max_rel_err
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import torch_mla
-import torch_mla.hf
-import torch_mla.hf_peft as hf_peft
+import torch_mla.integrations.hf
 from hf_models import clone_model, make_model, transformers
 from mla_testing import max_rel_err
 
@@ -26,17 +25,17 @@ def token_ids(batch=2, seqlen=12, seed=1):
 def op_calls():
     """The shapes of hidden_states of every attention call that ran torch_mla's op."""
     calls = []
-    original = hf_peft.latent_attention
+    original = torch_mla.integrations.hf.latent_attention
 
     def counting(*args, **kwargs):
         calls.append(args[1].shape)
         return original(*args, **kwargs)
 
-    hf_peft.latent_attention = counting
+    torch_mla.integrations.hf.latent_attention = counting
     try:
         yield calls
     finally:
-        hf_peft.latent_attention = original
+        torch_mla.integrations.hf.latent_attention = original
 
 
 def patched_copy(model):
@@ -54,7 +53,7 @@ def test_output_attentions_falls_back_with_a_warning(via):
     if via == "config":
         for m in (model, patched):
             m.config.output_attentions = True
-    torch_mla.hf._warned.clear()
+    torch_mla.integrations.hf._warned.clear()
     with pytest.warns(UserWarning, match=r"output_attentions=True .* model's own attention \('eager'\)"), \
             op_calls() as calls:
         ours = patched(ids, **kwargs)

@@ -22,7 +22,7 @@ from torchtitan.models.deepseek_v3.sharding import set_deepseek_v3_sharding_conf
 import torch_mla  # noqa: E402
 from torch_mla.integrations.torchtitan import (  # noqa: E402
     TorchMLAAttention, TorchMLAConverter, TorchMLASelectiveAC)
-from torch_mla.models import periodic_sequences  # noqa: E402
+from models import periodic_sequences  # noqa: E402
 from dist_testing import run_ranks  # noqa: E402
 from mla_testing import HeadDims  # noqa: E402
 

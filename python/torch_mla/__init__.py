@@ -1,6 +1,8 @@
 """torch_mla: Multi-Head Latent Attention for training, saving only the latents for backward.
 
-`mla_attention` is the functional op; `reference.mla_attention_reference` is the float64-capable
+`mla_attention` is the functional op (ops.py, with its q-latent and block forms); `nn` holds the
+module and the one latent-block glue, `integrations` the Hugging Face and torchtitan adapters,
+`cores` the attention-core choice; `reference.mla_attention_reference` is the float64-capable
 specification every kernel is tested against.
 """
 from pathlib import Path
@@ -26,14 +28,14 @@ torch.ops.load_library(str(_PACKAGE_DIR / "lib" / "libtorch_mla.so"))
 #: (``python -m torch_mla.cmake`` prints everything CMake needs).
 cmake_prefix_path = str(_PACKAGE_DIR)
 
-from .backends import explain, use_backend  # noqa: E402
-from .functional import mla_attention  # noqa: E402
-from . import reference  # noqa: E402
+from . import cores, reference  # noqa: E402
+from .cores import explain, use_backend, use_core  # noqa: E402
+from .ops import mla_attention, mla_attention_block, mla_attention_q_latent, rms_norm  # noqa: E402
 from .memory import SavedTensors  # noqa: E402
-from .q_latent import mla_attention_q_latent  # noqa: E402
-from .modules import MultiHeadLatentAttention  # noqa: E402
-from .hf import patch_model  # noqa: E402
+from .nn import MultiHeadLatentAttention  # noqa: E402
+from .integrations.hf import patch_model  # noqa: E402
 
-__all__ = ["mla_attention", "use_backend", "explain", "reference", "SavedTensors", "cmake_prefix_path",
-           "mla_attention_q_latent", "MultiHeadLatentAttention", "patch_model"]
+__all__ = ["mla_attention", "mla_attention_q_latent", "mla_attention_block", "rms_norm", "use_core", "explain",
+           "reference", "SavedTensors", "cmake_prefix_path", "MultiHeadLatentAttention", "patch_model",
+           "use_backend"]
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from .functional import default_softmax_scale
+from .ops import default_softmax_scale
 
 
 class _SumGradOverGroup(torch.autograd.Function):

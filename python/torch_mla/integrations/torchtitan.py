@@ -27,9 +27,7 @@ except ImportError as e:  # the package does not depend on torchtitan; this modu
     raise ImportError("torch_mla.integrations.torchtitan needs torchtitan "
                       "(pip install torchtitan==0.3.0)") from e
 
-from ..functional import mla_attention
-from ..q_latent import mla_attention_q_latent
-from ..rope import apply_rope
+from ..nn.glue import Projections, latent_attention
 
 __all__ = ["TorchMLAAttention", "TorchMLAConverter", "TorchMLASelectiveAC", "torch_mla_save_ops"]
 
@@ -131,29 +129,25 @@ class TorchMLAAttention(Attention):
                                "(torchtitan's apply_cp_to_forward); this module does not call it")
         batch, seqlen, _ = x.shape
         cu_seqlens, max_seqlen = self._sequences(attention_masks)
-        kv_latent, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv_latent = self.kv_norm(kv_latent)
         cos, sin = self._cos_sin(positions, batch, seqlen)
-        k_rope = apply_rope(k_pe, cos, sin, interleave=True)
-        # Local heads: under tensor parallelism wkv_b is this rank's row shard.
-        heads = self.wkv_b.weight.shape[0] // (self.qk_nope_head_dim + self.v_head_dim)
-        # Packed documents: (B, S, ...) → (T, ...), the op's varlen layout.
-        pack = (lambda t: t.reshape(batch * seqlen, *t.shape[2:])) if cu_seqlens is not None \
-            else (lambda t: t)
-        kw = dict(softmax_scale=self.softmax_scale, causal=True, cu_seqlens=cu_seqlens,
-                  max_seqlen=max_seqlen)
+        if cu_seqlens is not None:  # packed documents: (B, S, ...) → (T, ...), the op's varlen layout
+            x, cos, sin = (t.reshape(batch * seqlen, t.shape[-1]) for t in (x, cos, sin))
+        # The one glue, on torchtitan's submodules; under tensor parallelism (spmd_types) they hold
+        # this rank's shards as plain tensors, so the op runs the local heads.
+        out, _, _ = latent_attention(self, x, cos, sin, scale=self.softmax_scale, rope_interleave=True,
+                                     save="q" if self.q_lora_rank == 0 else "q_latent",
+                                     cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, projections=self._projections())
+        return out.view(batch, seqlen, -1)
+
+    def _projections(self) -> Projections:
+        """torchtitan's submodules under Hugging Face's roles (``wq`` is q_proj, ``wq_a``/``q_norm``/
+        ``wq_b`` q_a_proj/q_a_layernorm/q_b_proj, ``wkv_a``/``kv_norm``/``wkv_b``
+        kv_a_proj_with_mqa/kv_a_layernorm/kv_b_proj, ``wo`` o_proj)."""
         if self.q_lora_rank == 0:
-            q = self.wq(x).view(batch, seqlen, heads, self.qk_head_dim)
-            q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-            q = torch.cat([q_nope, apply_rope(q_pe, cos[:, :, None], sin[:, :, None], interleave=True)],
-                          dim=-1)
-            out = mla_attention(pack(q), pack(kv_latent), pack(k_rope), self.wkv_b.weight, **kw)
+            q = dict(q_a_proj=None, q_norm=None, q_proj=self.wq, q_name="wq")
         else:
-            q_latent = self.q_norm(self.wq_a(x))
-            out = mla_attention_q_latent(pack(q_latent), self.wq_b.weight, pack(cos), pack(sin),
-                                         pack(kv_latent), pack(k_rope), self.wkv_b.weight,
-                                         num_heads=heads, rope_interleave=True, **kw)
-        return self.wo(out.reshape(batch, seqlen, heads * self.v_head_dim))
+            q = dict(q_a_proj=self.wq_a, q_norm=self.q_norm, q_proj=self.wq_b, q_name="wq_b")
+        return Projections(**q, kv_a_proj=self.wkv_a, kv_norm=self.kv_norm, kv_b_proj=self.wkv_b, o_proj=self.wo)
 
 
 class TorchMLAConverter(ModelConfigConverter):

@@ -1,15 +1,15 @@
-"""python -m torch_mla.bench_max_logits: what return_max_logits costs the forward (docs/design.md §12).
+"""python benchmarks/bench_max_logits.py: what return_max_logits costs the forward (docs/design.md §12).
 
 For each attention core and S, times torch_mla.mla_attention's forward three ways on the same
 tensors, one call of each in turn (interleaved, so that machine load hits all alike):
   plain      return_max_logits=False
-  core       return_max_logits=True, the core's own row maxima (cpu, kernels, simt, composed)
+  core       return_max_logits=True, the core's own row maxima (cpu, cuda, simt, composed)
   fallback   return_max_logits=True with TORCH_MLA_MAX_LOGITS=recompute: the shared lse-pruned
              recomputation the stock cores (cudnn, efficient) use, forced on this core
 and prints the medians and their ratios to plain. DeepSeek-V3 head dims, causal, no autograd.
 On the CPU the default is fp32 on one thread; on CUDA bf16.
 
-    python -m torch_mla.bench_max_logits [--device cpu] [--cores cpu composed] [--seqlens 512 1024]
+    python benchmarks/bench_max_logits.py [--device cpu] [--cores cpu composed] [--seqlens 512 1024]
 """
 import argparse
 import os
@@ -39,7 +39,7 @@ def _forward(inputs: dict, core: str, mode: str) -> None:
     if mode == "fallback":
         os.environ["TORCH_MLA_MAX_LOGITS"] = "recompute"
     try:
-        with torch.no_grad(), torch_mla.use_backend(core):
+        with torch.no_grad(), torch_mla.use_core(core):
             torch_mla.mla_attention(**inputs, return_max_logits=mode != "plain")
     finally:
         os.environ.pop("TORCH_MLA_MAX_LOGITS", None)
@@ -83,10 +83,10 @@ def report(rows: Sequence[dict], where: str) -> str:
 
 
 def main(argv=None) -> List[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench_max_logits.py", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cores", nargs="+", default=None,
-                        help="attention cores (default: cpu composed on the CPU, kernels on CUDA)")
+                        help="attention cores (default: cpu composed on the CPU, cuda on CUDA)")
     parser.add_argument("--seqlens", nargs="+", type=int, default=None,
                         help="default: CPU 512 1024 2048, CUDA 4096 16384")
     parser.add_argument("--heads", type=int, default=None, help="default: CPU 8, CUDA 128")
@@ -99,7 +99,7 @@ def main(argv=None) -> List[dict]:
     cuda = args.device.startswith("cuda")
     if not cuda:
         torch.set_num_threads(args.threads)
-    cores = args.cores or (["kernels"] if cuda else ["cpu", "composed"])
+    cores = args.cores or (["cuda"] if cuda else ["cpu", "composed"])
     seqlens = args.seqlens or ([4096, 16384] if cuda else [512, 1024, 2048])
     heads = args.heads or (128 if cuda else 8)
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))

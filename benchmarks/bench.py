@@ -1,4 +1,4 @@
-"""python -m torch_mla.bench {memory,speed,all}: what torch_mla saves and what it costs, against
+"""python benchmarks/bench.py {memory,speed,all}: what torch_mla saves and what it costs, against
 the attention people train MLA with today, on one MLA attention block (MultiHeadLatentAttention:
 projections, norms, RoPE, attention, o_proj), forward and backward.
 
@@ -57,12 +57,16 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from torch_mla import SavedTensors
+
+from baselines import ATTENTION_CORES, attention_block
+
 MIB = 2 ** 20
 
 
 @dataclass(frozen=True)
 class Method:
-    core: str            # MultiHeadLatentAttention's attention_core
+    core: str            # "torch_mla" or a baseline of baselines.ATTENTION_CORES
     save: str            # MultiHeadLatentAttention's save
     checkpoint_block: bool
     label: str
@@ -137,14 +141,11 @@ def context_parallel_bytes_per_token(heads: int, dim_nope: int, dim_rope: int, d
 # The block under test
 
 def make_block(spec: Spec, method: Method) -> torch.nn.Module:
-    from .modules import MultiHeadLatentAttention
-
     dn, dr, dv, dc = spec.head_dims
     torch.manual_seed(spec.seed)
-    return MultiHeadLatentAttention(
-        hidden_size=spec.hidden, num_heads=spec.heads, q_lora_rank=spec.q_lora_rank,
-        kv_lora_rank=dc, qk_nope_head_dim=dn, qk_rope_head_dim=dr, v_head_dim=dv,
-        attention_core=method.core, save=method.save,
+    return attention_block(
+        method.core, hidden_size=spec.hidden, num_heads=spec.heads, q_lora_rank=spec.q_lora_rank,
+        kv_lora_rank=dc, qk_nope_head_dim=dn, qk_rope_head_dim=dr, v_head_dim=dv, save=method.save,
         device=spec.device, dtype=spec.torch_dtype)
 
 
@@ -200,7 +201,6 @@ def memory_point(spec: Spec, name: str, seqlen: int) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     x.grad = None
 
-    from .memory import SavedTensors
     with SavedTensors() as saved:
         out = forward(x)
     saved_bytes = saved.nbytes_excluding(*params)
@@ -370,9 +370,7 @@ OP_METHODS = {"torch_mla": "torch_mla op (expansion + core)", "hf_sdpa": "SDPA o
 
 def _prepare_op(spec: Spec, name: str, seqlen: int) -> Callable[[], tuple]:
     """One forward+backward of the attention op alone on the block's attention shapes: torch_mla's
-    mla_attention or HF-style expansion + SDPA (torch_mla.baselines), both from the latents."""
-    from .baselines import ATTENTION_CORES
-
+    mla_attention or HF-style expansion + SDPA (baselines.py), both from the latents."""
     attention = ATTENTION_CORES["torch_mla" if name == "torch_mla" else "sdpa"]
     dn, dr, dv, dc = spec.head_dims
     gen = torch.Generator(device=spec.device).manual_seed(spec.seed)
@@ -453,14 +451,6 @@ def timed_rows(spec: Spec, names: Sequence[str], seqlen: int, warmup: int, reps:
             r["fwd_bwd_vs_sdpa"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
             r["fwd_bwd_cpu_vs_sdpa"] = r["fwd_bwd_cpu_ms"] / base["fwd_bwd_cpu_ms"]
     return rows
-
-
-def speed_point(spec: Spec, name: str, seqlen: int, warmup: int, reps: int) -> dict:
-    """Median forward, backward and forward+backward ms of one method over reps (after warmup)."""
-    row = timed_rows(spec, [name], seqlen, warmup, reps, _prepare_block)[0]
-    if row.get("error"):
-        raise RuntimeError(row["error"])
-    return {k: v for k, v in row.items() if k not in ("method", "seqlen", "batch")}
 
 
 SPEED_FIELDS = ["method", "seqlen", "batch", "reps", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_bwd_min_ms",
@@ -607,7 +597,7 @@ def speed_report(spec: Spec, rows, names, op_rows=()) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m torch_mla.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=["memory", "speed", "all"])
     parser.add_argument("--out", default="bench_out", help="output folder (default bench_out/)")

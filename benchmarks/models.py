@@ -1,5 +1,5 @@
-"""A small decoder-only language model built from MultiHeadLatentAttention, for the demo, the
-benchmarks and the distributed tests (DeepSeek-style blocks: pre-RMSNorm, MLA, gated SiLU MLP)."""
+"""A small decoder-only language model built from MultiHeadLatentAttention, for train_fsdp_cp.py
+and the distributed tests (DeepSeek-style blocks: pre-RMSNorm, MLA, gated SiLU MLP)."""
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import MultiHeadLatentAttention, RMSNorm
+from torch_mla import MultiHeadLatentAttention
+from torch_mla.nn import RMSNorm
 
 
 @dataclass
@@ -24,8 +25,6 @@ class MLAConfig:
     v_head_dim: int = 32
     intermediate_size: int = 256
     rope_theta: float = 10000.0
-    #: "torch_mla" or a baseline of torch_mla.baselines.ATTENTION_CORES ("eager", "sdpa", ...).
-    attention_core: str = "torch_mla"
     save_q_latent: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -34,8 +33,7 @@ class MLAConfig:
             hidden_size=self.hidden_size, num_heads=self.num_heads, q_lora_rank=self.q_lora_rank,
             kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
             qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim,
-            rope_theta=self.rope_theta, attention_core=self.attention_core,
-            save_q_latent=self.save_q_latent and self.attention_core == "torch_mla", **self.extra)
+            rope_theta=self.rope_theta, save_q_latent=self.save_q_latent, **self.extra)
 
 
 class MLP(nn.Module):
@@ -88,7 +86,7 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def periodic_sequences(batch: int, seqlen: int, vocab_size: int, generator: torch.Generator,
                        min_period: int = 3, max_period: int = 8) -> torch.Tensor:
-    """The demo's synthetic language: each sequence repeats a random motif of random length, so
+    """A synthetic language: each sequence repeats a random motif of random length, so
     after one period every token is predictable by looking back (what attention learns)."""
     periods = torch.randint(min_period, max_period + 1, (batch, 1), generator=generator)
     motifs = torch.randint(0, vocab_size, (batch, max_period), generator=generator)

@@ -13,10 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .functional import mla_attention
-from .modules import keep_max_logits, latent_attention, max_logits_request
-from .q_latent import mla_attention_q_latent
-from .rope import apply_rope
+from ...nn.glue import Projections, projections_of
 
 
 def _consumed(attn: nn.Module, save: str) -> List[str]:
@@ -183,47 +180,20 @@ def _widen_by_cat(module, adapters, x, weight):
     return torch.cat([x] + us, dim=-1), weight
 
 
-def peft_latent_attention(attn: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor,
-                          sin: torch.Tensor, *, scale: float, rope_interleave: bool,
-                          save: str, cu_seqlens: Optional[torch.Tensor] = None,
-                          max_seqlen: Optional[int] = None):
-    """:func:`torch_mla.modules.latent_attention` (same arguments and returns: output, the
-    kv latent c and the rotated k_rope, unwidened, for the cache), honouring PEFT LoRA layers
-    on the consumed projections. Without any PEFT layer there, latent_attention itself runs."""
+class LoraProjections(Projections):
+    """The weight provider of :func:`torch_mla.nn.glue.latent_attention` for an attention whose
+    consumed projections carry PEFT LoRA layers: the op takes each one's latent and weight widened
+    by its active adapters (:func:`_widen`)."""
+
+    def latent(self, name: str, module: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _widen(name, module, x)
+
+
+def projections_for(attn: nn.Module, save: str) -> Projections:
+    """The weight provider of a patched attention at forward: LoRA widening when a projection the
+    op takes as a weight carries a PEFT layer, else the plain (or tensor-parallel) weights.
+    ValueError for adapters that `save` cannot honour."""
     _refuse_latent(attn, save)
-    names = _consumed(attn, save)
-    if not any(hasattr(getattr(attn, n), "base_layer") for n in names):
-        return latent_attention(attn, hidden_states, cos, sin, scale=scale,
-                                rope_interleave=rope_interleave, save=save,
-                                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    save_q_latent = save == "q_latent"
-    dim_nope, dim_rope = attn.qk_nope_head_dim, attn.qk_rope_head_dim
-    # q first, as HF's forward: LoRA dropout masks are drawn in the same order.
-    q_name = "q_proj" if attn.q_lora_rank is None else "q_b_proj"
-    q_module = getattr(attn, q_name)
-    q_input = hidden_states if attn.q_lora_rank is None else attn.q_a_layernorm(attn.q_a_proj(hidden_states))
-    if save_q_latent:
-        q_latent, wq_b = _widen(q_name, q_module, q_input)
-    else:
-        q = q_module(q_input)
-
-    latent_and_rope = attn.kv_a_proj_with_mqa(hidden_states)
-    kv_latent, k_rope = latent_and_rope.split([attn.kv_lora_rank, dim_rope], dim=-1)
-    kv_latent = attn.kv_a_layernorm(kv_latent)
-    k_rope = apply_rope(k_rope, cos, sin, rope_interleave)
-    wide_latent, wkv_b = _widen("kv_b_proj", attn.kv_b_proj, kv_latent)
-    num_heads = wkv_b.shape[0] // (dim_nope + attn.v_head_dim)
-
-    if save_q_latent:
-        out = mla_attention_q_latent(
-            q_latent, wq_b, cos, sin, wide_latent, k_rope, wkv_b, num_heads=num_heads,
-            softmax_scale=scale, rope_interleave=rope_interleave, cu_seqlens=cu_seqlens,
-            max_seqlen=max_seqlen, **max_logits_request(attn))
-    else:
-        q_nope, q_rope = q.unflatten(-1, (num_heads, -1)).split([dim_nope, dim_rope], dim=-1)
-        q_rope = apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2), rope_interleave)
-        out = mla_attention(torch.cat((q_nope, q_rope), dim=-1), wide_latent, k_rope, wkv_b,
-                            softmax_scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                            **max_logits_request(attn))
-    out = keep_max_logits(attn, out)
-    return attn.o_proj(out.flatten(-2)), kv_latent, k_rope
+    if any(hasattr(getattr(attn, n), "base_layer") for n in _consumed(attn, save)):
+        return LoraProjections.of(attn)
+    return projections_of(attn)

@@ -5,18 +5,15 @@ The weights of a ``DeepseekV2Attention`` / ``DeepseekV3Attention`` load into
 what autograd keeps for backward shrinks to the latents (docs/design.md §1).
 """
 import functools
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .baselines import ATTENTION_CORES
-from .block import mla_attention_block, rms_norm
-from .distributed import (context_parallel_mla_attention, shard_positions, tensor_parallel_input,
-                          tensor_parallel_output)
-from .functional import mla_attention
-from .q_latent import mla_attention_q_latent
-from .rope import apply_rope, rope_cos_sin, rope_frequencies, rope_type, softmax_scale
+from ..distributed import context_parallel_mla_attention, shard_positions
+from ..ops import mla_attention, rms_norm
+from .glue import latent_attention
+from .rope import rope_cos_sin, rope_frequencies, rope_type, softmax_scale
 
 
 #: What MultiHeadLatentAttention keeps for backward (docs/design.md §13.3): "q" — q, the latents,
@@ -59,137 +56,10 @@ class RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-def latent_attention(
-    attn: nn.Module,
-    hidden_states: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    *,
-    scale: float,
-    rope_interleave: bool,
-    save: str,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    max_seqlen: Optional[int] = None,
-    attention_core: Callable[..., torch.Tensor] = mla_attention,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The attention block of `attn`, any module with Hugging Face's DeepSeek attention
-    submodules and sizes (ours, or a transformers ``DeepseekV2/V3Attention``), through torch_mla.
-
-    hidden_states (B, S, hidden) | packed (T, hidden) with cu_seqlens; cos, sin (B, S, Dr/2) |
-    (T, Dr/2). Returns (output like hidden_states, kv_latent (..., Dc), k_rope (..., Dr) rotated);
-    with ``save="latent"`` the block runs as one op (mla_attention_block) and the latents are not
-    returned (None, None). `save`: one of SAVE_CHOICES. `attention_core` (mla_attention's
-    signature) serves ``save="q"``.
-    Under tensor parallelism (q_b_proj/q_proj and kv_b_proj sharded by rows, o_proj by columns,
-    as DTensors) each rank attends with its own heads: the local shards of the weights.
-    When ``attn.record_max_logits`` is true, the call's per-head maximum logit (its local heads
-    under tensor parallelism) is stored in ``attn.max_logits`` (docs/design.md §12).
-    """
-    if save == "latent":
-        if getattr(attn, "record_max_logits", False):
-            raise ValueError("record_max_logits needs save='q' or save='q_latent': the latent-only block "
-                             "(save='latent') does not return max logits")
-        return _latent_only_block(attn, hidden_states, cos, sin, scale=scale, rope_interleave=rope_interleave,
-                                  cu_seqlens=cu_seqlens, max_seqlen=max_seqlen), None, None
-    dim_rope = attn.qk_rope_head_dim
-    latent_and_rope = attn.kv_a_proj_with_mqa(hidden_states)
-    kv_latent, k_rope = latent_and_rope.split([attn.kv_lora_rank, dim_rope], dim=-1)
-    kv_latent = attn.kv_a_layernorm(kv_latent)
-    k_rope = apply_rope(k_rope, cos, sin, rope_interleave)
-    kv_latent = tensor_parallel_input(kv_latent, attn.kv_b_proj.weight)
-    k_rope = tensor_parallel_input(k_rope, attn.kv_b_proj.weight)
-    wkv_b = _local(attn.kv_b_proj.weight)
-    num_heads = wkv_b.shape[0] // (attn.qk_nope_head_dim + attn.v_head_dim)
-    extra = max_logits_request(attn)
-
-    if save == "q_latent":
-        # Without a q latent (q_lora_rank None), the hidden states are q's latent: already kept
-        # for kv_a_proj_with_mqa's backward, so q costs nothing extra.
-        if attn.q_lora_rank is None:
-            q_proj = attn.q_proj.weight
-            q_latent, wq_b = tensor_parallel_input(hidden_states, q_proj), _local(q_proj)
-        else:
-            q_proj = attn.q_b_proj.weight
-            q_latent = tensor_parallel_input(attn.q_a_layernorm(attn.q_a_proj(hidden_states)), q_proj)
-            wq_b = _local(q_proj)
-        out = mla_attention_q_latent(
-            q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, num_heads=num_heads,
-            softmax_scale=scale, rope_interleave=rope_interleave, cu_seqlens=cu_seqlens,
-            max_seqlen=max_seqlen, **extra)
-    else:
-        if attn.q_lora_rank is None:
-            q = attn.q_proj(hidden_states)
-        else:
-            q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(hidden_states)))
-        q_nope, q_rope = q.unflatten(-1, (num_heads, -1)).split(
-            [attn.qk_nope_head_dim, dim_rope], dim=-1)
-        q_rope = apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2), rope_interleave)
-        out = attention_core(torch.cat((q_nope, q_rope), dim=-1), kv_latent, k_rope, wkv_b,
-                             softmax_scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **extra)
-    out = keep_max_logits(attn, out)
-    # out (..., H, Dv) is contiguous: o_proj's input is a view of it, so the tensor the op saves
-    # and the one o_proj saves share one storage.
-    return attn.o_proj(out.flatten(-2)), kv_latent, k_rope
-
-
-def max_logits_request(attn: nn.Module) -> dict:
-    """The attention call's extra arguments: return_max_logits when ``attn.record_max_logits``."""
-    return dict(return_max_logits=True) if getattr(attn, "record_max_logits", False) else {}
-
-
-def keep_max_logits(attn: nn.Module, result):
-    """out of the attention call; stores its max_logits in ``attn.max_logits`` when recording."""
-    if not getattr(attn, "record_max_logits", False):
-        return result
-    out, attn.max_logits = result
-    return out
-
-
-def _latent_only_block(attn: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                       scale: float, rope_interleave: bool, cu_seqlens: Optional[torch.Tensor],
-                       max_seqlen: Optional[int]) -> torch.Tensor:
-    """latent_attention with ``save="latent"``: q_a_proj and kv_a_proj_with_mqa as modules (they
-    keep the hidden states for their weights' grads), everything after them in mla_attention_block.
-
-    Under tensor parallelism each rank runs its heads on the local weight shards: q_a, kv_a and the
-    norm weights are replicated inputs of the head-sharded op (their grads summed over the mesh),
-    and o_proj's product on the rank's heads is a partial sum, reduced before o_proj's bias is added
-    (as RowwiseParallel does).
-    """
-    if attn.q_lora_rank is None:
-        wq_b_param, q_a, q_norm = attn.q_proj.weight, hidden_states, None
-    else:
-        wq_b_param, q_a, q_norm = attn.q_b_proj.weight, attn.q_a_proj(hidden_states), attn.q_a_layernorm
-    wkv_b_param, wo_param = attn.kv_b_proj.weight, attn.o_proj.weight
-    kv_norm = attn.kv_a_layernorm
-    wkv_b = _local(wkv_b_param)
-    sharded = getattr(wo_param, "device_mesh", None) is not None
-    bias = attn.o_proj.bias
-    y = mla_attention_block(
-        tensor_parallel_input(q_a, wq_b_param),
-        None if q_norm is None else tensor_parallel_input(_local(q_norm.weight), wq_b_param),
-        _local(wq_b_param),
-        tensor_parallel_input(attn.kv_a_proj_with_mqa(hidden_states), wkv_b_param),
-        tensor_parallel_input(_local(kv_norm.weight), wkv_b_param),
-        wkv_b, _local(wo_param), None if sharded or bias is None else bias, cos, sin,
-        num_heads=wkv_b.shape[0] // (attn.qk_nope_head_dim + attn.v_head_dim), softmax_scale=scale,
-        q_norm_eps=q_norm.variance_epsilon if q_norm is not None else 1e-6,  # unused without the norm
-        kv_norm_eps=kv_norm.variance_epsilon,
-        rope_interleave=rope_interleave, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-        head_chunks=getattr(attn, "head_chunks", None))
-    y = tensor_parallel_output(y, wo_param)
-    return y + _local(bias) if sharded and bias is not None else y
-
-
 def _context_parallel_core(q, kv_latent, k_rope, wkv_b, *, softmax_scale, group, cu_seqlens=None,
                            max_seqlen=None, return_max_logits=False):
     return context_parallel_mla_attention(q, kv_latent, k_rope, wkv_b, group=group,
                                           softmax_scale=softmax_scale, return_max_logits=return_max_logits)
-
-
-def _local(weight: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor parameter (tensor parallelism), else the tensor itself."""
-    return weight.to_local() if hasattr(weight, "to_local") else weight
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -219,9 +89,6 @@ class MultiHeadLatentAttention(nn.Module):
         rope_interleave: rotate adjacent pairs (DeepSeek's layout) rather than halves.
         rms_norm_eps: eps of ``q_a_layernorm`` and ``kv_a_layernorm``.
         attention_bias: biases on ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``o_proj`` (as HF).
-        attention_core: ``"torch_mla"`` (the default), or for comparisons one of
-            :data:`torch_mla.baselines.ATTENTION_CORES` (``"eager"``, ``"sdpa"``,
-            ``"sdpa_recompute"``): HF-style attention on expanded K/V, same parameters.
         save_q_latent: save q's latent (Lq values per token; the hidden states when q_lora_rank
             is None) for backward instead of q (H·(Dn+Dr)), recomputing q in backward.
         record_max_logits: after every forward, ``self.max_logits`` holds the (H,) float32 per-head
@@ -233,7 +100,7 @@ class MultiHeadLatentAttention(nn.Module):
         save: what the block keeps for backward, one of :data:`SAVE_CHOICES` — ``"q"``,
             ``"q_latent"`` (what ``save_q_latent`` True/False select; None: take it from
             ``save_q_latent``) or ``"latent"``: the whole block after q_a_proj and
-            kv_a_proj_with_mqa in one op (:func:`torch_mla.block.mla_attention_block`) that keeps
+            kv_a_proj_with_mqa in one op (:func:`torch_mla.mla_attention_block`) that keeps
             only the hidden states, the pre-norm latents and the norms' statistics, and
             recomputes q, the attention's out and o_proj's input in backward (docs/design.md §13).
             Not with context parallelism (ValueError at forward).
@@ -257,7 +124,6 @@ class MultiHeadLatentAttention(nn.Module):
         rope_interleave: bool = True,
         rms_norm_eps: float = 1e-6,
         attention_bias: bool = False,
-        attention_core: str = "torch_mla",
         save_q_latent: bool = True,
         record_max_logits: bool = False,
         save: Optional[str] = None,
@@ -283,17 +149,10 @@ class MultiHeadLatentAttention(nn.Module):
         #: A process group to split the sequence over (torch_mla.distributed): hidden_states
         #: then hold this rank's share as laid out by ``shard_sequence``.
         self.context_parallel_group = None
-        if attention_core not in ATTENTION_CORES:
-            raise ValueError(f"attention_core must be one of {sorted(ATTENTION_CORES)}, got {attention_core!r}")
-        self.attention_core = attention_core
-        if record_max_logits and attention_core != "torch_mla":
-            raise ValueError(f"record_max_logits needs attention_core='torch_mla', got {attention_core!r}")
         self.record_max_logits = record_max_logits
         #: The last forward's (H,) maximum logit per head when record_max_logits, else None.
         self.max_logits: Optional[torch.Tensor] = None
-
-        # Keeping q as a latent is torch_mla's op; the baselines attend on q itself.
-        self.save = resolve_save(save, save_q_latent) if attention_core == "torch_mla" else "q"
+        self.save = resolve_save(save, save_q_latent)
         self.head_chunks = check_head_chunks(head_chunks)
         self.scaling = softmax_scale(self.qk_head_dim, self.rope_scaling)
 
@@ -376,8 +235,7 @@ class MultiHeadLatentAttention(nn.Module):
         (T,), default each token's position in its sequence; max_seqlen optional.
         Returns a tensor shaped like hidden_states.
         """
-        lead = hidden_states.shape[:-1]
-        save, attention_core = self.save, ATTENTION_CORES[self.attention_core]
+        save, attention = self.save, mla_attention
         if self.context_parallel_group is not None:
             if save == "latent":
                 raise ValueError("MultiHeadLatentAttention: save='latent' does not support context "
@@ -387,26 +245,34 @@ class MultiHeadLatentAttention(nn.Module):
                 raise ValueError("MultiHeadLatentAttention: context parallelism takes padded batches "
                                  "(B, S_local, hidden), not cu_seqlens")
             if position_ids is None:
-                position_ids = shard_positions(lead[-1], self.context_parallel_group,
+                position_ids = shard_positions(hidden_states.shape[-2], self.context_parallel_group,
                                                device=hidden_states.device)
             # q is split with the sequence, so it is materialised: no q latent here.
             save = "q"
-            attention_core = functools.partial(_context_parallel_core, group=self.context_parallel_group)
-        elif position_ids is None:
+            attention = functools.partial(_context_parallel_core, group=self.context_parallel_group)
+        cos, sin = self.rotation(hidden_states, position_ids, cu_seqlens)
+        out, _, _ = latent_attention(
+            self, hidden_states, cos, sin, scale=self.scaling, rope_interleave=self.rope_interleave, save=save,
+            attention=attention, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return out
+
+    def rotation(self, hidden_states: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                 cu_seqlens: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, S, Dr/2) | (T, Dr/2) float32 for every token of hidden_states (B, S, hidden) |
+        packed (T, hidden): at position_ids (as :meth:`forward` takes them), by default ``arange(S)``
+        or each packed token's position in its sequence."""
+        lead = hidden_states.shape[:-1]
+        if position_ids is None:
             if cu_seqlens is None:
                 position_ids = torch.arange(lead[-1], device=hidden_states.device)
             else:
                 position_ids = positions_from_cu_seqlens(cu_seqlens, lead[0])
         cos, sin = self.rope(position_ids)
         half = self.qk_rope_head_dim // 2
-        out, _, _ = latent_attention(
-            self, hidden_states, cos.expand(*lead, half), sin.expand(*lead, half), scale=self.scaling,
-            rope_interleave=self.rope_interleave, save=save,
-            attention_core=attention_core, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        return out
+        return cos.expand(*lead, half), sin.expand(*lead, half)
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, "
                 f"kv_lora_rank={self.kv_lora_rank}, head_dims=(nope {self.qk_nope_head_dim}, "
                 f"rope {self.qk_rope_head_dim}, v {self.v_head_dim}), rope_interleave={self.rope_interleave}, "
-                f"attention_core={self.attention_core}, save={self.save!r}")
+                f"save={self.save!r}")

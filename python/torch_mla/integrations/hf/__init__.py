@@ -4,7 +4,8 @@ Each ``DeepseekV2Attention`` / ``DeepseekV3Attention`` keeps its parameters (sam
 optimizer state and checkpoints stay valid) and gets a forward that runs torch_mla's op on its
 latents. transformers itself is never imported here: the classes are looked up among the modules
 the model was built from. PEFT LoRA adapters on the projections the op takes as weights are
-handled in :mod:`torch_mla.hf_peft`.
+handled in :mod:`torch_mla.integrations.hf.peft`; the block itself runs in the one glue,
+:func:`torch_mla.nn.glue.latent_attention`.
 """
 import sys
 import types
@@ -15,8 +16,9 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-from .hf_peft import check_adapters, peft_latent_attention
-from .modules import check_head_chunks, resolve_save
+from ...nn.attention import check_head_chunks, resolve_save
+from ...nn.glue import latent_attention
+from .peft import check_adapters, projections_for
 
 _ATTENTION_CLASSES = (
     ("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2Attention"),
@@ -166,15 +168,15 @@ def _forward(self, hidden_states, *, position_embeddings=None, attention_mask=No
     save = self._torch_mla_save
     if save == "latent" and cache is not None:
         save = "q_latent"  # the cache takes kv_latent and k_rope, which the block op does not return
-    run = dict(scale=self.scaling, rope_interleave=interleave, save=save)
+    run = dict(scale=self.scaling, rope_interleave=interleave, save=save, projections=projections_for(self, save))
     tokens = batch * seqlen
     if layout.cu_seqlens is None:
-        out, kv_latent, k_rope = peft_latent_attention(self, hidden_states, cos, sin, **run)
+        out, kv_latent, k_rope = latent_attention(self, hidden_states, cos, sin, **run)
     else:
         x, cos, sin = (t.reshape(tokens, t.shape[-1]) for t in (hidden_states, cos, sin))
         if layout.indices is not None:  # unpad: only the real tokens go through
             x, cos, sin = (t.index_select(0, layout.indices) for t in (x, cos, sin))
-        out, kv_latent, k_rope = peft_latent_attention(
+        out, kv_latent, k_rope = latent_attention(
             self, x, cos, sin, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen, **run)
         if layout.indices is not None:  # pad back, zeros at padded positions
             out = _PadBack.apply(out, layout.indices, tokens)

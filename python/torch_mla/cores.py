@@ -1,0 +1,143 @@
+"""Which attention core runs a call (docs/design.md §10.3): force one, or ask which and why.
+
+The cores are the library's own (:func:`names`, asked of the C++ core table): ``cudnn``, ``cuda``
+(our CUDA kernels), ``efficient``, ``composed``, ``cpu`` and ``simt`` (tests only). The default,
+``"auto"``, lets the environment variable ``TORCH_MLA_CORE`` force one, else picks by device,
+dtype, head dims, packing and determinism. The backward always runs the forward's core.
+
+Deprecated for one release: :func:`use_backend` and ``explain(backend=...)`` (use :func:`use_core`
+and ``core=``), and the core name ``"kernels"`` (now ``"cuda"``).
+"""
+import contextlib
+import contextvars
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+# Per thread and per asyncio task (a context variable, not a module global): a use_core block in
+# one thread does not change the core another thread's calls run on.
+_current: contextvars.ContextVar[str] = contextvars.ContextVar("torch_mla_core", default="auto")
+
+
+@functools.lru_cache(maxsize=None)
+def names() -> Tuple[str, ...]:
+    """The attention cores of the loaded library, in the order of its core table (asked once)."""
+    text = torch.ops.torch_mla._choose_core("cpu", 0, torch.float32, 128, 64, 128, False, False, 0, [],
+                                            False, "auto")
+    return tuple(_parse(text).reasons)
+
+
+def _core_name(name: str, who: str, stacklevel: int) -> str:
+    """`name` as the loaded library spells it: "kernels" is a deprecated alias of "cuda", and a
+    library built before the rename lists our CUDA core as "kernels"."""
+    if name == "kernels":
+        warnings.warn(f"{who}: the core name 'kernels' is deprecated, use 'cuda'", DeprecationWarning,
+                      stacklevel=stacklevel + 1)
+        name = "cuda"
+    if name == "cuda" and "cuda" not in names():
+        return "kernels"
+    return name
+
+
+def current_core() -> str:
+    """The core the functional ops pass on: the innermost :func:`use_core` of this thread or
+    context, else ``"auto"``."""
+    return _current.get()
+
+
+def _use(name: str, who: str):
+    name = _core_name(name, who, stacklevel=4)
+    if name != "auto" and name not in names():
+        raise ValueError(f"{who}: name must be 'auto' or one of {', '.join(names())}, got {name!r}")
+    token = _current.set(name)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+@contextlib.contextmanager
+def use_core(name: str) -> Iterator[None]:
+    """Runs torch_mla's ops inside the block on the core ``name`` (or ``"auto"``), in this thread
+    or context only.
+
+    A core that cannot serve a call raises a ValueError naming why and which cores could. Enter it
+    outside a ``torch.compile``'d function: the choice is fixed when the function is traced.
+    """
+    yield from _use(name, "torch_mla.use_core")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Deprecated alias of :func:`use_core`."""
+    warnings.warn("torch_mla.use_backend is deprecated, use torch_mla.use_core", DeprecationWarning, stacklevel=3)
+    yield from _use(name, "torch_mla.use_backend")
+
+
+@dataclass(frozen=True)
+class CoreChoice:
+    """The core a call takes, and for every core ``None`` (can serve) or why it cannot."""
+    core: str
+    reasons: Dict[str, Optional[str]]
+
+    def __str__(self) -> str:
+        lines = [f"torch_mla runs this call on the {self.core!r} core"]
+        lines += [f"  {name:<10} {'yes' if why is None else 'no: ' + why}" for name, why in self.reasons.items()]
+        return "\n".join(lines)
+
+
+def _parse(text: str) -> CoreChoice:
+    core, *lines = text.strip().split("\n")
+    reasons = {}
+    for line in lines:
+        name, verdict = line.split(": ", 1)
+        reasons[name] = None if verdict == "yes" else verdict[len("no: "):]
+    return CoreChoice(core, reasons)
+
+
+def _requested(core: Optional[str], backend: Optional[str], who: str) -> str:
+    """The core asked for by ``core=`` or the deprecated ``backend=``, else the current one."""
+    if backend is not None:
+        warnings.warn(f"{who}: backend= is deprecated, use core=", DeprecationWarning, stacklevel=3)
+        if core is not None:
+            raise TypeError(f"{who}: give core= or backend=, not both")
+        core = backend
+    return current_core() if core is None else _core_name(core, who, stacklevel=3)
+
+
+def explain(q: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor, wkv_b: torch.Tensor, *,
+            cu_seqlens: Optional[torch.Tensor] = None, core: Optional[str] = None,
+            backend: Optional[str] = None) -> CoreChoice:
+    """Which core :func:`torch_mla.mla_attention` would run on these arguments, and why.
+
+    Takes the op's tensors (shapes as :func:`torch_mla.mla_attention`); reads no data. ``core``
+    defaults to the current one (:func:`use_core`, then ``TORCH_MLA_CORE``); ``backend`` is its
+    deprecated name.
+    """
+    requested = _requested(core, backend, "torch_mla.explain")
+    return _parse(torch.ops.torch_mla._explain(q, kv_latent, k_rope, wkv_b, cu_seqlens, requested))
+
+
+def compiled_kernel_archs() -> List[int]:
+    """The archs this build compiled our CUDA kernels for (90 = sm_90); empty without them."""
+    return list(torch.ops.torch_mla._kernel_archs())
+
+
+def choose_core(*, device: str, capability: int = 0, dtype: torch.dtype, dim_nope: int, dim_rope: int,
+                dim_v: int, varlen: bool = False, deterministic: bool = False, cudnn_version: int = 0,
+                kernel_archs=(), simt_built: bool = False, core: str = "auto",
+                backend: Optional[str] = None) -> CoreChoice:
+    """The selection rule on a described call (no tensors, no device needed): for tests and tables.
+
+    ``capability`` is 10·major + minor (90 = sm_90), ``cudnn_version`` 10000·major + 100·minor, and
+    ``kernel_archs`` the archs our CUDA kernels are compiled for (empty: not compiled). ``core``:
+    the requested core (``backend`` is its deprecated name).
+    """
+    requested = _requested(None if backend is not None else core, backend, "torch_mla.cores.choose_core")
+    text = torch.ops.torch_mla._choose_core(device, capability, dtype, dim_nope, dim_rope, dim_v, varlen,
+                                            deterministic, cudnn_version, list(kernel_archs), simt_built,
+                                            requested)
+    return _parse(text)
