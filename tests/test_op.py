@@ -7,8 +7,9 @@ import torch
 
 import torch_mla
 from torch_mla.reference import mla_attention_reference
-from support import (BF16, FP16, FP32, FP64, SMALL, TENSOR_ARGS, assert_matches_reference, cu_seqlens_of,
-                     labelled, make_inputs, max_abs_err, max_rel_err, reference_results, run_with_grads)
+from support import (BF16, FP16, FP32, FP64, SMALL, TENSOR_ARGS, assert_matches_reference, check_lowp_against_reference,
+                     cu_seqlens_of, labelled, make_inputs, max_abs_err, max_rel_err, out_and_grads, reference_results,
+                     run_with_grads)
 
 # Tile edges: the CPU kernel's tiles are 64 queries × 128 keys, the CUDA kernels' 128 × 64 and 64 × 64.
 SEQLENS = [1, 63, 64, 65, 127, 128, 129]
@@ -152,6 +153,27 @@ def test_packed_zero_length_sequences_do_not_disturb_neighbours(core):
     case = core.cases[0]  # any dtype and head dims: the property is about the sequence list
     inputs, cu = core.inputs(case, seqlens=[0, 7, 0, 0, 9, 0])
     assert_matches_reference(torch_mla.mla_attention, inputs, cu_seqlens=cu)
+
+
+@pytest.mark.cases(dtypes=(FP32, BF16), dims=("small", "minicpm3"))
+def test_backward_of_a_sum_takes_an_expanded_grad_out(core):
+    """out.sum().backward() hands the backward a grad_out expanded from one element (every stride
+    0): its grads are the reference's for a grad_out of ones."""
+    for case in core.one_per_layout():
+        shape = dict(seqlens=[5, 0, 70]) if case.packed else dict(batch=2, seqlen=37)
+        inputs, cu = core.inputs(case, **shape)
+        out = torch_mla.mla_attention(**inputs, cu_seqlens=cu)
+        grads = torch.autograd.grad(out.sum(), [inputs[k] for k in TENSOR_ARGS])
+        ours = {"out": out.detach(), **dict(zip(TENSOR_ARGS, grads))}
+        ones = torch.ones(out.shape, dtype=torch.float64, device=core.device)
+        with labelled(case):
+            if case.dtype == BF16:
+                check_lowp_against_reference(ours, inputs, ones, cu_seqlens=cu)
+                continue
+            ref64 = {k: v.double() for k, v in inputs.items()}
+            ref_out, ref_grads = out_and_grads(mla_attention_reference, ref64, ones, cu_seqlens=cu)
+            for name, ref in {"out": ref_out, **ref_grads}.items():
+                assert max_rel_err(ours[name], ref) <= 1e-5, name
 
 
 @pytest.mark.cases(dtypes=(FP64,), dims=("tiny",))

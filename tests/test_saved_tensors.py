@@ -1,6 +1,5 @@
 """The memory claim, measured: the op saves exactly q, kv_latent, k_rope, wkv_b, out and lse."""
 import pytest
-import torch
 
 import torch_mla
 from torch_mla.reference import mla_attention_reference
