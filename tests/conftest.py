@@ -1,43 +1,59 @@
-from dataclasses import dataclass
+"""Fixtures and hooks only (shared helpers: support.py).
 
+A test taking the `core` fixture runs once per (device, core) pair whose served-case list
+(support.served_cases) holds a case its `cases` markers ask for; the body loops over those cases.
+CUDA pairs, and tests marked `cuda`, are not collected where no CUDA device is present: they are
+counted and the count is printed after collection, instead of showing as skips."""
 import pytest
 import torch
 
-import torch_mla  # noqa: F401  (loads the operator library once for every test)
-from mla_testing import TENSOR_ARGS, make_inputs
+import torch_mla
+from support import cores_for, cuda_capability
 
-# Every (device, attention core) pair a test body runs on (docs/design.md §10.2); CUDA pairs skip
-# without a GPU, and a pair skips a case its core cannot serve (with the selection rule's reason).
-BACKENDS = [("cpu", "cpu"), ("cpu", "composed"), ("cpu", "simt"),
-            ("cuda", "cudnn"), ("cuda", "kernels"), ("cuda", "efficient"), ("cuda", "composed")]
+NOT_COLLECTED = pytest.StashKey[int]()
+
+
+def pytest_configure(config):
+    config.stash[NOT_COLLECTED] = 0
 
 
 def pytest_report_header(config):
     return f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"
 
 
-@dataclass(frozen=True)
-class Backend:
-    device: str
-    core: str
-
-    def inputs(self, dims, **kwargs):
-        """make_inputs on this device; skips the test when the core cannot serve the call."""
-        inputs, cu_seqlens = make_inputs(dims, device=self.device, **kwargs)
-        self.skip_unless_served(inputs, cu_seqlens)
-        return inputs, cu_seqlens
-
-    def skip_unless_served(self, inputs, cu_seqlens=None):
-        choice = torch_mla.explain(*(inputs[k] for k in TENSOR_ARGS), cu_seqlens=cu_seqlens, backend="auto")
-        if choice.reasons[self.core] is not None:
-            pytest.skip(f"{self.core}: {choice.reasons[self.core]}")
+def pytest_generate_tests(metafunc):
+    if "core" in metafunc.fixturenames:
+        filters = [m.kwargs for m in metafunc.definition.iter_markers("cases")]
+        cores = cores_for(filters, cuda_capability())
+        metafunc.parametrize("core", cores, ids=[c.id for c in cores], indirect=True)
 
 
-@pytest.fixture(params=BACKENDS, ids=[f"{d}-{c}" for d, c in BACKENDS])
-def backend(request):
-    """A (device, core) pair; the test body runs inside torch_mla.use_backend(core)."""
-    device, core = request.param
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    with torch_mla.use_backend(core):
-        yield Backend(device, core)
+def _needs_cuda(item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    core = callspec.params.get("core") if callspec is not None else None
+    return item.get_closest_marker("cuda") is not None or getattr(core, "device", None) == "cuda"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pycollect_makeitem(collector, name, obj):
+    items = yield
+    if torch.cuda.is_available() or not isinstance(items, list):
+        return items
+    kept = [item for item in items if not _needs_cuda(item)]
+    collector.config.stash[NOT_COLLECTED] += len(items) - len(kept)
+    return kept
+
+
+def pytest_report_collectionfinish(config):
+    # After collection (the count is known only then), and shown under -q, unlike the header.
+    if not torch.cuda.is_available():
+        return f"{config.stash[NOT_COLLECTED]} CUDA cases not collected: no CUDA device"
+    return None
+
+
+@pytest.fixture
+def core(request):
+    """A support.Core (device, core name, its cases for this test); the body runs inside
+    torch_mla.use_core(name)."""
+    with torch_mla.use_core(request.param.name):
+        yield request.param

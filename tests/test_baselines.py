@@ -1,20 +1,20 @@
-"""The benchmark baselines compute the same function as the op (they differ only in memory)."""
+"""The benchmark baselines that attend their own way (SDPA on expanded K/V, with or without
+recompute) compute the op's function, against the float64 reference; they differ only in memory.
+(The `eager` baseline is mla_attention_reference itself and `torch_mla` the op: test_op.py's.)"""
 import pytest
 import torch
 
 import torch_mla
 from baselines import ATTENTION_CORES
-from mla_testing import SMALL, assert_matches_reference, make_inputs
+from support import SMALL, assert_matches_reference, labelled, make_inputs
 
 
-@pytest.mark.parametrize("core", list(ATTENTION_CORES))
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_attention_cores_match_reference(core, packed):
-    if packed:
-        inputs, cu = make_inputs(SMALL, seqlens=[3, 0, 70], dtype=torch.float64)
-    else:
-        inputs, cu = make_inputs(SMALL, batch=2, seqlen=33, dtype=torch.float64)
-    assert_matches_reference(ATTENTION_CORES[core], inputs, cu_seqlens=cu)
+@pytest.mark.parametrize("baseline", ["sdpa", "sdpa_recompute"])
+def test_sdpa_baselines_match_reference(baseline):
+    for shape in (dict(seqlens=[3, 0, 70]), dict(batch=2, seqlen=33)):
+        inputs, cu = make_inputs(SMALL, dtype=torch.float64, **shape)
+        with labelled("packed" if cu is not None else "padded"):
+            assert_matches_reference(ATTENTION_CORES[baseline], inputs, cu_seqlens=cu)
 
 
 def test_recompute_baseline_saves_no_expanded_kv():

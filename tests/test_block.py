@@ -8,35 +8,12 @@ import torch
 import torch_mla
 from torch_mla import MultiHeadLatentAttention
 from torch_mla.ops import mla_attention_block, rms_norm
-from mla_testing import max_abs_err, max_rel_err, peak_live_bytes
-from module_spec import block_spec
+from support import (BF16, FP32, block_spec, cu_seqlens_of, labelled, make_module, max_abs_err, max_rel_err,
+                     peak_live_bytes)
+from support import MODULE_SIZES as SIZES
 
-SIZES = dict(hidden_size=48, num_heads=3, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-             v_head_dim=12)
-CASES = {
-    "q-lora": dict(q_lora_rank=24),
-    "no-q-lora": dict(q_lora_rank=None),
-    "half-rotate-bias": dict(q_lora_rank=24, rope_interleave=False, attention_bias=True),
-}
+CASES = ["q-lora", "no-q-lora", "half-rotate-bias"]  # of support.MODULE_CASES
 LAYOUTS = {"padded": None, "packed": [1, 17, 0, 19]}
-
-
-def make_module(case, sizes=SIZES, seed=0, **overrides):
-    torch.manual_seed(seed)
-    module = MultiHeadLatentAttention(**sizes, **CASES[case], **overrides)
-    with torch.no_grad():  # unit-scale projections; non-trivial norm weights and biases
-        for name, p in module.named_parameters():
-            if name.endswith("layernorm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.5)
-            else:
-                p.normal_(0, p.shape[1] ** -0.5)
-    return module
-
-
-def cu_seqlens(seqlens):
-    return torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], dtype=torch.int32)
 
 
 def layout_args(layout, hidden_size, dtype=torch.float32, device="cpu", seed=1):
@@ -46,7 +23,7 @@ def layout_args(layout, hidden_size, dtype=torch.float32, device="cpu", seed=1):
     if seqlens is None:
         lead, positions, cu = (2, 37), torch.arange(37), None
     else:
-        lead, cu = (sum(seqlens),), cu_seqlens(seqlens)
+        lead, cu = (sum(seqlens),), cu_seqlens_of(seqlens)
         positions = torch.cat([torch.arange(n) for n in seqlens])
     x = torch.randn(*lead, hidden_size, generator=gen, dtype=torch.float64).to(dtype)
     return x.to(device), positions.to(device), None if cu is None else cu.to(device)
@@ -81,7 +58,7 @@ def assert_close_rel(results, ref, tol):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_fp32_matches_float64_spec(case, layout):
     module = make_module(case, save="latent")
     x, positions, cu = layout_args(layout, SIZES["hidden_size"])
@@ -96,7 +73,7 @@ HEAD_CHUNKS = {"one-group": 1, "uneven-groups": 2, "default": None}
 
 @pytest.mark.parametrize("head_chunks", list(HEAD_CHUNKS))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_equals_todays_module_float64(case, layout, head_chunks):
     """Same core, same math: out and every grad as saving q or q's latent, to rounding, however
     the heads are grouped."""
@@ -116,32 +93,30 @@ CORE_SIZES = dict(hidden_size=64, num_heads=2, kv_lora_rank=64, qk_nope_head_dim
                   v_head_dim=64)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_every_core_matches_float64_spec(backend, layout):
-    """fp32 where the core takes it (≤ 1e-5), else bf16 by the 2×/3× rule against the naive bf16 spec."""
-    module = make_module("q-lora", CORE_SIZES, save="latent").to(backend.device)
+@pytest.mark.cases(dtypes=(FP32, BF16), dims=("minicpm3",))
+def test_every_core_matches_float64_spec(core):
+    """fp32 where the core serves it (≤ 1e-5), else bf16 by the 2×/3× rule against the naive bf16 spec."""
     d = CORE_SIZES
-    for dtype in (torch.float32, torch.bfloat16):
-        x, positions, cu = layout_args(layout, d["hidden_size"], dtype, backend.device)
-        probe = dict(q=x.new_empty(*x.shape[:-1], d["num_heads"], d["qk_nope_head_dim"] + d["qk_rope_head_dim"]),
-                     kv_latent=x.new_empty(*x.shape[:-1], d["kv_lora_rank"]),
-                     k_rope=x.new_empty(*x.shape[:-1], d["qk_rope_head_dim"]),
-                     wkv_b=x.new_empty(d["num_heads"] * (d["qk_nope_head_dim"] + d["v_head_dim"]), d["kv_lora_rank"]))
-        if torch_mla.explain(**probe, cu_seqlens=cu, backend="auto").reasons[backend.core] is None:
-            break
-    else:
-        pytest.skip(f"{backend.core} serves neither float32 nor bfloat16 here")
-    module = module.to(dtype)
-    ours = out_and_grads(module_fn(module, cu_seqlens=cu), dict(module.named_parameters()), x)
-    ref = spec_results(module, x, positions, cu, torch.float64)
-    if dtype == torch.float32:
-        assert_close_rel(ours, ref, 1e-5)
-        return
-    naive = spec_results(module, x, positions, cu, torch.bfloat16)
-    for name in ref:
-        factor = 2 if name == "out" else 3
-        err, naive_err = max_abs_err(ours[name].cpu(), ref[name]), max_abs_err(naive[name], ref[name])
-        assert err <= factor * naive_err, f"{name}: max error {err:.3g} > {factor} × naive {naive_err:.3g}"
+    for case in core.one_per_layout():
+        layout = "packed" if case.packed else "padded"
+        module = make_module("q-lora", CORE_SIZES, save="latent").to(core.device, case.dtype)
+        x, positions, cu = layout_args(layout, d["hidden_size"], case.dtype, core.device)
+        lead = x.shape[:-1]
+        core.assert_serves(dict(
+            q=x.new_empty(*lead, d["num_heads"], d["qk_nope_head_dim"] + d["qk_rope_head_dim"]),
+            kv_latent=x.new_empty(*lead, d["kv_lora_rank"]), k_rope=x.new_empty(*lead, d["qk_rope_head_dim"]),
+            wkv_b=x.new_empty(d["num_heads"] * (d["qk_nope_head_dim"] + d["v_head_dim"]), d["kv_lora_rank"])), cu)
+        ours = out_and_grads(module_fn(module, cu_seqlens=cu), dict(module.named_parameters()), x)
+        ref = spec_results(module, x, positions, cu, torch.float64)
+        with labelled(case):
+            if case.dtype == FP32:
+                assert_close_rel(ours, ref, 1e-5)
+                continue
+            naive = spec_results(module, x, positions, cu, torch.bfloat16)
+            for name in ref:
+                factor = 2 if name == "out" else 3
+                err, naive_err = max_abs_err(ours[name].cpu(), ref[name]), max_abs_err(naive[name], ref[name])
+                assert err <= factor * naive_err, f"{name}: max error {err:.3g} > {factor} × naive {naive_err:.3g}"
 
 
 def test_compile_fullgraph_matches_eager():
@@ -276,7 +251,7 @@ OP_CONFIGS = {"padded": ((2, 5), None), "packed": ((9,), [4, 0, 1, 4])}
 def test_gradcheck_float64(layout, optional, interleave):
     """Every tensor input, cos and sin included, with and without q_norm_weight and bo."""
     lead, seqlens = OP_CONFIGS[layout]
-    cu = None if seqlens is None else cu_seqlens(seqlens)
+    cu = None if seqlens is None else cu_seqlens_of(seqlens)
     with_extras = optional == "norm-bias"
     inputs = block_inputs(lead, with_extras, with_extras)
     names = [k for k, v in inputs.items() if v is not None]
@@ -297,7 +272,7 @@ def op_args(inputs, cu):
 @pytest.mark.parametrize("layout", list(OP_CONFIGS))
 def test_opcheck(layout):
     lead, seqlens = OP_CONFIGS[layout]
-    cu = None if seqlens is None else cu_seqlens(seqlens)
+    cu = None if seqlens is None else cu_seqlens_of(seqlens)
     inputs = {k: None if v is None else v.float().requires_grad_() for k, v in block_inputs(lead).items()}
     torch.library.opcheck(torch.ops.torch_mla.mla_attention_block.default, op_args(inputs, cu))
     x = torch.randn(*lead, 6, requires_grad=True)
@@ -318,7 +293,7 @@ def test_double_backward_is_refused():
 def test_empty_batches_and_sequences(lead, seqlens, head_chunks):
     """No tokens: an empty output and zero grads for every input, in one head group or two."""
     inputs = {k: None if v is None else v.requires_grad_() for k, v in block_inputs(lead).items()}
-    cu = None if seqlens is None else cu_seqlens(seqlens)
+    cu = None if seqlens is None else cu_seqlens_of(seqlens)
     y = mla_attention_block(**inputs, num_heads=TINY["heads"], cu_seqlens=cu, head_chunks=head_chunks)
     assert y.shape == (*lead, TINY["hidden"])
     y.sum().backward()

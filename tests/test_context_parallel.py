@@ -6,8 +6,7 @@ import torch.distributed as dist
 import torch_mla
 from torch_mla.distributed import (context_parallel_mla_attention, shard_sequence,
                                     unshard_sequence)
-from dist_testing import run_ranks
-from mla_testing import SMALL, TENSOR_ARGS, make_inputs, max_rel_err
+from support import SMALL, TENSOR_ARGS, make_inputs, max_rel_err, run_ranks
 
 
 def _cp_matches_single_process(rank, world, seqlen):

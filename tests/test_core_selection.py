@@ -3,17 +3,25 @@
 Each row: device, compute capability, dtype, (Dn, Dr, Dv), packed, deterministic, cuDNN version,
 archs our kernels were compiled for → the core `auto` takes.
 """
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
 import pytest
 import torch
 
 import torch_mla
 from torch_mla.cores import choose_core
+from support import SMALL, TENSOR_ARGS, make_inputs, run_with_grads
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 DSV3 = (128, 64, 128)
 MINICPM3 = (64, 32, 64)
 ALL_ARCHS = (80, 86, 89, 90)
 CUDNN = 91900
+# The order `auto` tries cores in (docs/design.md §10.3); simt (the emulator, tests only) is in none.
+AUTO_ORDER = {"cpu": ["cpu", "composed"], "cuda": ["cudnn", "cuda", "efficient", "composed"]}
 
 TABLE = [
     # device, cap, dtype, dims, varlen, deterministic, cudnn, archs, expected
@@ -21,9 +29,9 @@ TABLE = [
     ("cpu", 0, FP64, (4, 2, 3), True, True, 0, (), "cpu"),
     ("cuda", 90, BF16, DSV3, False, False, CUDNN, ALL_ARCHS, "cudnn"),        # H100/H200: cuDNN first
     ("cuda", 90, FP16, MINICPM3, False, False, CUDNN, ALL_ARCHS, "cudnn"),
-    ("cuda", 90, BF16, DSV3, True, False, CUDNN, ALL_ARCHS, "kernels"),       # packed: no ragged cuDNN
-    ("cuda", 90, BF16, DSV3, False, True, CUDNN, ALL_ARCHS, "kernels"),       # deterministic
-    ("cuda", 90, BF16, DSV3, False, False, 0, ALL_ARCHS, "kernels"),          # torch without cuDNN
+    ("cuda", 90, BF16, DSV3, True, False, CUDNN, ALL_ARCHS, "cuda"),       # packed: no ragged cuDNN
+    ("cuda", 90, BF16, DSV3, False, True, CUDNN, ALL_ARCHS, "cuda"),       # deterministic
+    ("cuda", 90, BF16, DSV3, False, False, 0, ALL_ARCHS, "cuda"),          # torch without cuDNN
     ("cuda", 90, BF16, DSV3, True, False, CUDNN, (), "efficient"),            # built without nvcc
     ("cuda", 90, FP32, DSV3, False, False, CUDNN, ALL_ARCHS, "efficient"),    # fp32
     ("cuda", 90, FP64, DSV3, False, False, CUDNN, ALL_ARCHS, "composed"),     # fp64: nothing fused
@@ -31,12 +39,12 @@ TABLE = [
     ("cuda", 90, BF16, (124, 70, 128), True, False, CUDNN, ALL_ARCHS, "composed"),   # Dn+Dr = 194
     ("cuda", 90, BF16, (16, 8, 16), False, False, CUDNN, ALL_ARCHS, "cudnn"),  # small dims: cuDNN takes them
     ("cuda", 90, BF16, (16, 8, 16), True, False, CUDNN, ALL_ARCHS, "efficient"),
-    ("cuda", 80, BF16, DSV3, False, False, CUDNN, ALL_ARCHS, "kernels"),      # A100: our kernels
-    ("cuda", 80, BF16, DSV3, True, True, CUDNN, ALL_ARCHS, "kernels"),
+    ("cuda", 80, BF16, DSV3, False, False, CUDNN, ALL_ARCHS, "cuda"),      # A100: our kernels
+    ("cuda", 80, BF16, DSV3, True, True, CUDNN, ALL_ARCHS, "cuda"),
     ("cuda", 86, BF16, DSV3, False, False, CUDNN, ALL_ARCHS, "efficient"),    # 145 KiB backward > 99 KiB
-    ("cuda", 89, BF16, MINICPM3, True, False, CUDNN, ALL_ARCHS, "kernels"),   # (96, 64) fits 99 KiB
+    ("cuda", 89, BF16, MINICPM3, True, False, CUDNN, ALL_ARCHS, "cuda"),   # (96, 64) fits 99 KiB
     ("cuda", 89, BF16, DSV3, False, True, CUDNN, ALL_ARCHS, "composed"),      # deterministic, too big
-    ("cuda", 87, BF16, DSV3, False, False, CUDNN, ALL_ARCHS, "kernels"),      # Orin: sm_86 SASS, 163 KiB
+    ("cuda", 87, BF16, DSV3, False, False, CUDNN, ALL_ARCHS, "cuda"),      # Orin: sm_86 SASS, 163 KiB
     ("cuda", 90, BF16, DSV3, True, False, CUDNN, (80,), "efficient"),         # sm_80 SASS does not run on sm_90
     ("cuda", 100, BF16, DSV3, False, False, CUDNN, ALL_ARCHS, "cudnn"),       # Blackwell: cuDNN
     ("cuda", 100, BF16, DSV3, True, False, CUDNN, ALL_ARCHS, "efficient"),
@@ -45,10 +53,10 @@ TABLE = [
 ]
 
 
-def describe(row, backend="auto"):
+def describe(row, core="auto"):
     device, cap, dtype, (dn, dr, dv), varlen, det, cudnn, archs, _ = row
     return choose_core(device=device, capability=cap, dtype=dtype, dim_nope=dn, dim_rope=dr, dim_v=dv,
-                       varlen=varlen, deterministic=det, cudnn_version=cudnn, kernel_archs=archs, backend=backend)
+                       varlen=varlen, deterministic=det, cudnn_version=cudnn, kernel_archs=archs, core=core)
 
 
 @pytest.mark.parametrize("row", TABLE, ids=[f"{r[0]}{r[1] or ''}-{str(r[2])[6:]}-{r[3]}-{'packed' if r[4] else 'padded'}"
@@ -56,14 +64,17 @@ def describe(row, backend="auto"):
 def test_auto_rule(row):
     choice = describe(row)
     assert choice.core == row[-1], str(choice)
-    assert choice.reasons[choice.core] is None
-    # simt (the emulator, tests only) is never chosen by auto, and composed serves everything.
+    # auto takes the first core of its order that serves the call: each one before it declined.
+    order = AUTO_ORDER[row[0]]
+    declined = order[:order.index(choice.core)]
+    assert all(choice.reasons[core] is not None for core in declined), str(choice)
+    # composed serves everything.
     assert choice.reasons["composed"] is None
 
 
 def test_every_declined_core_says_why():
     choice = describe(("cuda", 86, BF16, DSV3, False, True, CUDNN, ALL_ARCHS, None))
-    assert "148480 B of shared memory per CTA, sm_86 allows 101376" in choice.reasons["kernels"]
+    assert "148480 B of shared memory per CTA, sm_86 allows 101376" in choice.reasons["cuda"]
     assert "deterministic" in choice.reasons["efficient"]
     assert "sm_90 and later" in choice.reasons["cudnn"]
     assert choice.reasons["cpu"] == "runs on CPU tensors only"
@@ -71,20 +82,24 @@ def test_every_declined_core_says_why():
 
 def test_forced_core_is_taken_or_refused_with_reasons():
     row = ("cuda", 90, BF16, DSV3, False, False, CUDNN, ALL_ARCHS, None)
-    assert describe(row, backend="efficient").core == "efficient"
+    assert describe(row, core="efficient").core == "efficient"
     with pytest.raises(ValueError, match=r'"cpu" cannot serve this call: runs on CPU tensors only\. '
-                                         r"Cores that can: cudnn, kernels, efficient, composed"):
-        describe(row, backend="cpu")
+                                         r"Cores that can: cudnn, cuda, efficient, composed"):
+        describe(row, core="cpu")
 
 
 def test_environment_variable_forces_a_core(monkeypatch):
-    from mla_testing import SMALL, TENSOR_ARGS, make_inputs
     inputs, _ = make_inputs(SMALL, batch=1, seqlen=4, requires_grad=False)
     args = [inputs[k] for k in TENSOR_ARGS]
     assert torch_mla.explain(*args).core == "cpu"
-    monkeypatch.setenv("TORCH_MLA_BACKEND", "composed")
+    monkeypatch.setenv("TORCH_MLA_BACKEND", "composed")  # the older name, read for one release
     assert torch_mla.explain(*args).core == "composed"
-    with torch_mla.use_backend("cpu"):  # an explicit choice wins over the environment
+    monkeypatch.setenv("TORCH_MLA_CORE", "cpu")  # the new name wins
+    assert torch_mla.explain(*args).core == "cpu"
+    monkeypatch.delenv("TORCH_MLA_BACKEND")
+    monkeypatch.setenv("TORCH_MLA_CORE", "composed")
+    assert torch_mla.explain(*args).core == "composed"
+    with torch_mla.use_core("cpu"):  # an explicit choice wins over the environment
         assert torch_mla.explain(*args).core == "cpu"
 
 
@@ -92,17 +107,16 @@ def test_backward_runs_the_forward_core():
     """A core forced around the forward only still runs the backward (the Function records it):
     the grads equal, bit for bit, those of a call run wholly on that core, and differ from the
     other CPU core's (so the comparison can tell the cores apart)."""
-    from mla_testing import SMALL, make_inputs, run_with_grads
     inputs, _ = make_inputs(SMALL, batch=2, seqlen=70, dtype=torch.float32)
 
     def forward_only_on(core):
         def fn(**kw):
-            with torch_mla.use_backend(core):
+            with torch_mla.use_core(core):
                 return torch_mla.mla_attention(**kw)
         return fn
 
     def wholly_on(core):
-        with torch_mla.use_backend(core):
+        with torch_mla.use_core(core):
             return run_with_grads(torch_mla.mla_attention, inputs)
 
     _, split = run_with_grads(forward_only_on("composed"), inputs)
@@ -110,3 +124,39 @@ def test_backward_runs_the_forward_core():
     _, cpu = wholly_on("cpu")
     assert all(torch.equal(split[k], composed[k]) for k in split)
     assert not all(torch.equal(split[k], cpu[k]) for k in split)
+
+
+def test_python_names_come_from_the_core_table():
+    assert torch_mla.cores.names() == tuple(torch.ops.torch_mla._core_names())
+    assert set(torch_mla.cores.names()) == {"cudnn", "cuda", "efficient", "cpu", "composed", "simt"}
+    choice = describe(("cpu", 0, torch.float32, DSV3, False, False, 0, (), None))
+    assert tuple(choice.reasons) == torch_mla.cores.names()  # explain lists every core, in table order
+
+
+def test_use_core_is_per_thread():
+    seen = {}
+
+    def other_thread():
+        seen["core"] = torch_mla.cores.current_core()
+
+    with torch_mla.use_core("composed"):
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        assert torch_mla.cores.current_core() == "composed"
+    assert seen["core"] == "auto"
+
+
+def test_old_names_still_work_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="use_backend is deprecated"):
+        with torch_mla.use_backend("cpu"):
+            assert torch_mla.cores.current_core() == "cpu"
+    with pytest.warns(DeprecationWarning, match="'kernels' is deprecated"):
+        with torch_mla.use_core("kernels"):
+            assert torch_mla.cores.current_core() == "cuda"
+
+
+def test_tuned_shape_files_are_generated_from_the_one_list():
+    script = Path(__file__).resolve().parent.parent / "csrc/torch_mla/cores/cuda/generate_kernels.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

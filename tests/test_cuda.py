@@ -2,7 +2,9 @@
 
 The accuracy bodies shared with the CPU cores live in test_op.py; here: long sequences, 128 heads,
 determinism, memory past tensors' ends, opcheck/compile on CUDA, peak memory, the auto rule on
-this device. Accuracy by docs/design.md §8. Skipped as a whole where no CUDA device is present.
+this device. Accuracy by docs/design.md §8. Not collected where no CUDA device is present (the
+`cuda` marker; conftest.py counts the cases). A test taking `core` runs once per CUDA core whose
+served list (support.served_cases, for this device's capability) holds a case it asks for.
 """
 import math
 import os
@@ -15,15 +17,15 @@ import pytest
 import torch
 
 import torch_mla
-from mla_testing import (DSV3, MINICPM3, SMALL, TENSOR_ARGS, HeadDims, check_lowp_against_reference, check_results,
-                         make_inputs, max_abs_err, max_rel_err, nan_padded, reference_results, run_with_grads)
+from support import (BF16, DSV3, FP16, SMALL, TENSOR_ARGS, check_lowp_against_reference, check_results,
+                     labelled, make_inputs, max_abs_err, max_rel_err, nan_padded, reference_results,
+                     run_with_grads)
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.cuda
 
 CUDA = "cuda"
-LOWP = [torch.bfloat16, torch.float16]
-LOWP_IDS = ["bf16", "fp16"]
-
+# The cases these bodies ask of each CUDA core: DeepSeek-V3's head dims in bf16 unless said.
+DSV3_BF16 = dict(devices=("cuda",), dtypes=(BF16,), dims=("dsv3",))
 
 
 @pytest.fixture
@@ -36,24 +38,9 @@ def deterministic(monkeypatch):
     torch.use_deterministic_algorithms(previous)
 
 
-CUDA_CORES = ["cudnn", "kernels", "efficient", "composed"]
-
-
-@pytest.fixture(params=CUDA_CORES)
-def core(request):
-    """A CUDA attention core; the test body runs inside torch_mla.use_backend(core)."""
-    with torch_mla.use_backend(request.param):
-        yield request.param
-
-
-def cuda_inputs(dims, dtype, core=None, **kwargs):
-    """make_inputs on the GPU; with `core`, skips the test when that core cannot serve the call."""
-    inputs, cu = make_inputs(dims, dtype=dtype, device=CUDA, **kwargs)
-    if core is not None:
-        reasons = torch_mla.explain(*(inputs[k] for k in TENSOR_ARGS), cu_seqlens=cu, backend="auto").reasons
-        if reasons[core] is not None:
-            pytest.skip(f"{core}: {reasons[core]}")
-    return inputs, cu
+def cuda_inputs(dims, dtype, **kwargs):
+    """make_inputs on the GPU (for tests that leave the core to `auto`)."""
+    return make_inputs(dims, dtype=dtype, device=CUDA, **kwargs)
 
 
 def run_and_check(inputs, **kwargs):
@@ -62,34 +49,40 @@ def run_and_check(inputs, **kwargs):
     return results
 
 
-@pytest.mark.parametrize("batch,seqlen,heads", [(2, 1000, 2), (1, 4097, 1)])
-def test_long_sequences_match_reference(core, batch, seqlen, heads):
-    dims = HeadDims(heads=heads, nope=DSV3.nope, rope=DSV3.rope, v=DSV3.v, latent=DSV3.latent)
-    inputs, _ = cuda_inputs(dims, torch.bfloat16, core, batch=batch, seqlen=seqlen)
-    run_and_check(inputs, causal=True)
+@pytest.mark.cases(**DSV3_BF16, packed=False)
+def test_long_sequences_match_reference(core):
+    for case in core.cases:
+        for batch, seqlen, heads in ((2, 1000, 2), (1, 4097, 1)):
+            inputs, _ = core.inputs(case, heads=heads, batch=batch, seqlen=seqlen)
+            with labelled(case, f"B={batch} S={seqlen} H={heads}"):
+                run_and_check(inputs, causal=True)
 
 
 VARLEN = [1, 0, 65, 3, 129, 64, 0, 200, 1]
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("dims", [DSV3, MINICPM3], ids=["dsv3", "minicpm3"])
-@pytest.mark.parametrize("dtype", LOWP, ids=LOWP_IDS)
-def test_deterministic_varlen_matches_reference(deterministic, core, dtype, dims, causal):
-    inputs, cu = cuda_inputs(dims, dtype, core, seqlens=VARLEN)
-    run_and_check(inputs, causal=causal, cu_seqlens=cu)
+@pytest.mark.cases(devices=("cuda",), dtypes=(BF16, FP16), dims=("dsv3", "minicpm3"), packed=True, deterministic=True)
+def test_deterministic_varlen_matches_reference(deterministic, core):
+    for case in core.cases:
+        inputs, cu = core.inputs(case, seqlens=VARLEN)
+        for causal in (True, False):
+            with labelled(case, "causal" if causal else "full"):
+                run_and_check(inputs, causal=causal, cu_seqlens=cu)
 
 
+@pytest.mark.cases(**DSV3_BF16, packed=True)
 def test_varlen_with_max_seqlen_given_matches_reference(core):
-    inputs, cu = cuda_inputs(DSV3, torch.bfloat16, core, seqlens=VARLEN)
-    results = run_with_grads(torch_mla.mla_attention, inputs, cu_seqlens=cu, max_seqlen=max(VARLEN))
-    check_results(results, inputs, cu_seqlens=cu)
+    for case in core.cases:
+        inputs, cu = core.inputs(case, seqlens=VARLEN)
+        results = run_with_grads(torch_mla.mla_attention, inputs, cu_seqlens=cu, max_seqlen=max(VARLEN))
+        check_results(results, inputs, cu_seqlens=cu)
 
 
+@pytest.mark.cases(**DSV3_BF16, packed=False)
 def test_head_count_128_matches_reference(core):
-    dims = HeadDims(heads=128, nope=DSV3.nope, rope=DSV3.rope, v=DSV3.v, latent=DSV3.latent)
-    inputs, _ = cuda_inputs(dims, torch.bfloat16, core, batch=2, seqlen=130)
-    run_and_check(inputs, causal=True)
+    for case in core.cases:
+        inputs, _ = core.inputs(case, heads=128, batch=2, seqlen=130)
+        run_and_check(inputs, causal=True)
 
 
 def test_auto_takes_the_rule_for_this_device():
@@ -105,9 +98,9 @@ def test_auto_takes_the_rule_for_this_device():
     print(f"\nauto on sm_{major}{minor}, DSv3 bf16 packed: {chosen}")
 
 
+@pytest.mark.cases(**DSV3_BF16, packed=True, deterministic=True)
 def test_deterministic_backward_is_bitwise_reproducible(deterministic, core):
-    dims = HeadDims(heads=16, nope=DSV3.nope, rope=DSV3.rope, v=DSV3.v, latent=DSV3.latent)
-    inputs, cu = cuda_inputs(dims, torch.bfloat16, core, seqlens=[300, 1, 129, 64])
+    inputs, cu = core.inputs(core.cases[0], heads=16, seqlens=[300, 1, 129, 64])
     first_out, first_grads = run_with_grads(torch_mla.mla_attention, inputs, cu_seqlens=cu)
     for _ in range(49):
         out, grads = run_with_grads(torch_mla.mla_attention, inputs, cu_seqlens=cu)
@@ -116,22 +109,30 @@ def test_deterministic_backward_is_bitwise_reproducible(deterministic, core):
             assert torch.equal(grads[k], first_grads[k]), k
 
 
+@pytest.mark.cases(**DSV3_BF16, packed=True)
 def test_forward_is_bitwise_reproducible_without_deterministic_mode(core):
-    inputs, cu = cuda_inputs(DSV3, torch.bfloat16, core, seqlens=[300, 1, 129], requires_grad=False)
+    inputs, cu = core.inputs(core.cases[0], seqlens=[300, 1, 129], requires_grad=False)
     first = torch_mla.mla_attention(**inputs, cu_seqlens=cu, return_lse=True)
     for _ in range(10):
         out, lse = torch_mla.mla_attention(**inputs, cu_seqlens=cu, return_lse=True)
         assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
 
 
-@pytest.mark.parametrize("dims", [DSV3, MINICPM3], ids=["dsv3", "minicpm3"])
-def test_memory_past_the_logical_end_is_never_read(core, dims):
+@pytest.mark.cases(devices=("cuda",), dtypes=(BF16,), dims=("dsv3", "minicpm3"), packed=True)
+def test_memory_past_the_logical_end_is_never_read(core):
+    for case in core.cases:
+        with labelled(case):
+            memory_past_the_logical_end_is_never_read(core, case)
+
+
+def memory_past_the_logical_end_is_never_read(core, case):
     """q and grad_out are views whose neighbouring rows and columns are NaN, kv_latent and
     k_rope the two halves of one NaN-padded kv_a_proj_with_mqa output, and the allocator's free
     memory is NaN too: a read past a sequence's end or an unwritten output would show as NaN."""
     seqlens = [65, 1, 130]
     T = sum(seqlens)
-    inputs, cu = cuda_inputs(dims, torch.bfloat16, core, seqlens=seqlens, requires_grad=False)
+    dims = case.head_dims()
+    inputs, cu = core.inputs(case, seqlens=seqlens, requires_grad=False)
     gen = torch.Generator().manual_seed(5)
     grad_out = torch.randn(T, dims.heads, dims.v, generator=gen).to(torch.bfloat16).to(CUDA)
 
@@ -154,26 +155,27 @@ def op_args(inputs, cu, dims, core, causal=True):
     return (*[inputs[k] for k in TENSOR_ARGS], (dims.nope + dims.rope) ** -0.5, causal, cu, 0, core)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_opcheck(core, packed):
-    if packed:
-        inputs, cu = cuda_inputs(DSV3, torch.bfloat16, core, seqlens=[4, 0, 70, 1], requires_grad=False)
-    else:
-        inputs, cu = cuda_inputs(DSV3, torch.bfloat16, core, batch=2, seqlen=70, requires_grad=False)
-    args = op_args(inputs, cu, DSV3, core)
-    torch.library.opcheck(torch.ops.torch_mla.mla_attention.default, args)
-    out, lse, _ = torch.ops.torch_mla.mla_attention(*args)
-    grad_out = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.torch_mla.mla_attention_backward.default,
-                          (grad_out, *args[:4], out, lse, *args[4:]))
+@pytest.mark.cases(**DSV3_BF16)
+def test_opcheck(core):
+    for case in core.cases:
+        shape = dict(seqlens=[4, 0, 70, 1]) if case.packed else dict(batch=2, seqlen=70)
+        inputs, cu = core.inputs(case, requires_grad=False, **shape)
+        args = op_args(inputs, cu, DSV3, core.name)
+        with labelled(case):
+            torch.library.opcheck(torch.ops.torch_mla.mla_attention.default, args)
+            out, lse, _ = torch.ops.torch_mla.mla_attention(*args)
+            grad_out = torch.randn_like(out)
+            torch.library.opcheck(torch.ops.torch_mla.mla_attention_backward.default,
+                                  (grad_out, *args[:4], out, lse, *args[4:]))
 
 
+@pytest.mark.cases(**DSV3_BF16, packed=True, deterministic=True)
 def test_compile_fullgraph_equals_eager(deterministic, core):
     def loss_fn(q, kv_latent, k_rope, wkv_b, cu_seqlens):
         out = torch_mla.mla_attention(q, kv_latent, k_rope, wkv_b, cu_seqlens=cu_seqlens)
         return out.float().square().sum()
 
-    inputs, cu = cuda_inputs(DSV3, torch.bfloat16, core, seqlens=[70, 1, 129])
+    inputs, cu = core.inputs(core.cases[0], seqlens=[70, 1, 129])
     torch._dynamo.reset()
     compiled = torch.compile(loss_fn, fullgraph=True)
     eager_loss, eager_grads = run_with_grads(lambda **kw: loss_fn(**kw, cu_seqlens=cu), inputs)
@@ -216,7 +218,7 @@ def test_composed_under_auto_warns_once():
         import sys, warnings
         import torch, torch_mla
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from mla_testing import SMALL, make_inputs
+        from support import SMALL, make_inputs
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(3):
@@ -239,12 +241,14 @@ def test_invalid_cu_seqlens_raise_value_error():
         torch_mla.mla_attention(**inputs, cu_seqlens=torch.tensor([0, 4, 7], dtype=torch.int32, device=CUDA))
 
 
+@pytest.mark.cases(**DSV3_BF16, packed=False)
 def test_backward_peak_memory_is_one_layer_of_kv_dkv_and_dq(core):
     """Transient memory of the backward: KV + dKV (input dtype) + the float32 dQ accumulator and
     O(T·H) statistics, nothing per (query, key) pair; the stock cores also hold K = [k_nope | k_rope],
     V and their gradients for the call."""
-    dims = HeadDims(heads=16, nope=DSV3.nope, rope=DSV3.rope, v=DSV3.v, latent=DSV3.latent)
-    inputs, _ = cuda_inputs(dims, torch.bfloat16, core, batch=1, seqlen=4096)
+    case = core.cases[0]
+    dims = case.head_dims(heads=16)
+    inputs, _ = core.inputs(case, heads=16, batch=1, seqlen=4096)
     out = torch_mla.mla_attention(**inputs)
     grad_out = torch.randn_like(out)
     torch.cuda.synchronize()
@@ -257,18 +261,19 @@ def test_backward_peak_memory_is_one_layer_of_kv_dkv_and_dq(core):
     kv = T * H * (dims.nope + dims.v) * 2
     dq_accum = T * H * (dims.nope + dims.rope) * 4
     grads = sum(t.numel() * t.element_size() for t in inputs.values())
-    stock = 2 * T * H * (dims.nope + dims.rope + dims.v) * 2 if core in ("cudnn", "efficient") else 0
-    if core == "composed":  # float32 dKV and one chunk of scores (kChunkElements floats)
+    stock = 2 * T * H * (dims.nope + dims.rope + dims.v) * 2 if core.name in ("cudnn", "efficient") else 0
+    if core.name == "composed":  # float32 dKV and one chunk of scores (kChunkElements floats)
         stock = kv * 2 + (1 << 25) * 4 * 3
     bound = 2 * kv + dq_accum + grads + stock + T * H * 16 + (64 << 20)  # + statistics, cuBLAS workspace
     assert peak <= bound, f"backward peak {peak / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB"
 
 
+@pytest.mark.cases(**DSV3_BF16, packed=False)
 def test_non_contiguous_views_match_reference(core):
     """The views a model hands over: q a (B, H, S, D) → (B, S, H, D) transpose, kv_latent and
     k_rope the two halves of kv_a_proj_with_mqa's output, wkv_b a column slice."""
     dims = DSV3
-    inputs, _ = cuda_inputs(dims, torch.bfloat16, core, batch=2, seqlen=100, requires_grad=False)
+    inputs, _ = core.inputs(core.cases[0], batch=2, seqlen=100, requires_grad=False)
     q_base = inputs["q"].transpose(1, 2).contiguous().requires_grad_(True)
     kv_a = torch.cat([inputs["kv_latent"], inputs["k_rope"]], dim=-1).requires_grad_(True)
     w_base = torch.cat([inputs["wkv_b"], torch.randn_like(inputs["wkv_b"][:, :8])], dim=1).requires_grad_(True)

@@ -9,8 +9,7 @@ import torch.distributed as dist
 
 from torch_mla.distributed import shard_sequence
 from models import MLAConfig, MLATransformerLM, next_token_loss, periodic_sequences
-from dist_testing import run_ranks
-from mla_testing import max_rel_err
+from support import max_rel_err, run_ranks
 
 CONFIG = MLAConfig(vocab_size=32, hidden_size=64, num_layers=2, num_heads=4, q_lora_rank=48,
                    kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import torch_mla
-from mla_testing import SMALL, make_inputs
+from support import BF16, FP32, SMALL, labelled, make_inputs
 
 B, S = 2, 5
 H, DN, DR, DV, DC = SMALL.heads, SMALL.nope, SMALL.rope, SMALL.v, SMALL.latent
@@ -69,29 +69,28 @@ PACKED_CASES = {
 }
 
 
-def on(backend, inputs, kwargs):
-    """inputs and kwargs moved to the backend's device."""
-    move = lambda v: v.to(backend.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-    return {k: move(v) for k, v in inputs.items()}, {k: move(v) for k, v in kwargs.items()}
+# The checks run before any core: each pair, on one served case of (T = 5, H = 2) or (B, S) = (2, 5).
+ANY_CASE = dict(dtypes=(FP32, BF16), dims=("small", "minicpm3"))
 
 
-@MAX_LOGITS
-@pytest.mark.parametrize("case", list(PACKED_CASES))
-def test_bad_packed_input(backend, case, max_logits):
+@pytest.mark.cases(**ANY_CASE, packed=True)
+def test_bad_packed_input(core):
     """The value checks of cu_seqlens and max_seqlen: the same ValueError whichever core runs."""
-    inputs, kwargs = on(backend, packed()[0], PACKED_CASES[case][0])
-    backend.skip_unless_served(inputs, packed()[1].to(backend.device))  # shapes and dtype only
-    with pytest.raises(ValueError, match=PACKED_CASES[case][1]):
-        call(inputs, **kwargs, return_max_logits=max_logits)
+    inputs, cu_seqlens = core.inputs(core.cases[0], seqlens=[2, 3], requires_grad=False)
+    for case, (replace, message) in PACKED_CASES.items():
+        kwargs = {k: v.to(core.device) if isinstance(v, torch.Tensor) else v for k, v in replace.items()}
+        for max_logits in (False, True):  # asking for the maximum logits (docs/design.md §12) changes no check
+            with labelled(case, "max-logits" if max_logits else "plain"), pytest.raises(ValueError, match=message):
+                call(inputs, **kwargs, return_max_logits=max_logits)
 
 
-@pytest.mark.parametrize("max_seqlen,message", [(S - 1, r"max_seqlen \(4\) is smaller than the longest sequence \(S = 5\)"),
-                                                (-3, r"max_seqlen must be 0 \(not given\)")])
-def test_bad_max_seqlen_padded(backend, max_seqlen, message):
-    inputs, _ = on(backend, padded(), {})
-    backend.skip_unless_served(inputs)
-    with pytest.raises(ValueError, match=message):
-        call(inputs, max_seqlen=max_seqlen)
+@pytest.mark.cases(**ANY_CASE, packed=False)
+def test_bad_max_seqlen_padded(core):
+    inputs, _ = core.inputs(core.cases[0], batch=B, seqlen=S, requires_grad=False)
+    for max_seqlen, message in ((S - 1, r"max_seqlen \(4\) is smaller than the longest sequence \(S = 5\)"),
+                                (-3, r"max_seqlen must be 0 \(not given\)")):
+        with labelled(f"max_seqlen={max_seqlen}"), pytest.raises(ValueError, match=message):
+            call(inputs, max_seqlen=max_seqlen)
 
 
 @pytest.mark.parametrize("max_seqlen", [0, S, S + 7])
@@ -100,18 +99,18 @@ def test_valid_max_seqlen_padded(max_seqlen):
 
 
 def test_forced_core_that_cannot_serve_names_why_and_who_can():
-    with torch_mla.use_backend("kernels"):
-        with pytest.raises(ValueError, match=r'backend "kernels" cannot serve this call: runs on CUDA tensors only\. '
-                                             r"Cores that can: composed, cpu"):
+    with torch_mla.use_core("cuda"):
+        with pytest.raises(ValueError, match=r'core "cuda" cannot serve this call: runs on CUDA tensors only\. '
+                                             r"Cores that can: cpu, composed"):
             call(padded())
 
 
-def test_unknown_backend_is_a_clear_error(monkeypatch):
-    with pytest.raises(ValueError, match="torch_mla.use_backend: name must be 'auto' or one of"):
-        with torch_mla.use_backend("flash"):
+def test_unknown_core_is_a_clear_error(monkeypatch):
+    with pytest.raises(ValueError, match="torch_mla.use_core: name must be 'auto' or one of"):
+        with torch_mla.use_core("flash"):
             pass
-    monkeypatch.setenv("TORCH_MLA_BACKEND", "flash")
-    with pytest.raises(ValueError, match=r'backend must be "auto" or one of .*got "flash"'):
+    monkeypatch.setenv("TORCH_MLA_CORE", "flash")
+    with pytest.raises(ValueError, match=r'core must be "auto" or one of .*got "flash"'):
         call(padded())
 
 

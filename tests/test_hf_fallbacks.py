@@ -1,7 +1,6 @@
 """What a patched model cannot run through the op runs the model's own attention for that call,
 never silently: output_attentions=True (with a one-time warning), decode steps and static caches
 (read from shapes only, so torch.compile(fullgraph=True) traces a decoding step)."""
-import contextlib
 import warnings
 
 import pytest
@@ -9,33 +8,15 @@ import torch
 
 import torch_mla
 import torch_mla.integrations.hf
-from hf_models import clone_model, make_model, transformers
-from mla_testing import max_rel_err
+from support import HAVE_TRANSFORMERS, OpCounter, clone_model, make_model, max_rel_err
 
-pytestmark = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
+pytestmark = pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers is not installed")
 
 VOCAB = 96
 
 
 def token_ids(batch=2, seqlen=12, seed=1):
     return torch.randint(1, VOCAB, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
-
-
-@contextlib.contextmanager
-def op_calls():
-    """The shapes of hidden_states of every attention call that ran torch_mla's op."""
-    calls = []
-    original = torch_mla.integrations.hf.latent_attention
-
-    def counting(*args, **kwargs):
-        calls.append(args[1].shape)
-        return original(*args, **kwargs)
-
-    torch_mla.integrations.hf.latent_attention = counting
-    try:
-        yield calls
-    finally:
-        torch_mla.integrations.hf.latent_attention = original
 
 
 def patched_copy(model):
@@ -55,9 +36,9 @@ def test_output_attentions_falls_back_with_a_warning(via):
             m.config.output_attentions = True
     torch_mla.integrations.hf._warned.clear()
     with pytest.warns(UserWarning, match=r"output_attentions=True .* model's own attention \('eager'\)"), \
-            op_calls() as calls:
+            OpCounter() as calls:
         ours = patched(ids, **kwargs)
-    assert calls == []
+    assert calls.attention_calls() == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         patched(ids, **kwargs)
@@ -76,10 +57,10 @@ def test_output_attentions_falls_back_with_a_warning(via):
 def test_without_output_attentions_the_op_runs():
     model = patched_copy(make_model("v3", attn_implementation="eager"))
     ids = token_ids()
-    with op_calls() as calls:
+    with OpCounter() as calls:
         out = model(ids, output_attentions=False)
     assert out.attentions is None or out.attentions == ()
-    assert len(calls) == 2
+    assert calls.attention_calls() == 2
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -97,20 +78,23 @@ def test_static_cache_generate(padded):
                   cache_implementation="static")
     with torch.no_grad():
         ref = model.generate(ids, **kwargs)
-        ours = patched.generate(ids, **kwargs)
+        with OpCounter() as calls:
+            ours = patched.generate(ids, **kwargs)
     assert torch.equal(ours, ref)
+    assert calls.attention_calls() == 0
 
 
 def test_compiled_decoding_step_fullgraph():
     """torch.compile(fullgraph=True) of the decoding forward with a static cache: the patched
     forward decides from shapes, so it traces without a graph break and matches eager HF."""
+    from transformers import StaticCache
     torch._dynamo.reset()
     model = make_model("v3", use_cache=True)
     patched = patched_copy(model)
     prompt = token_ids(batch=2, seqlen=7)
     results = []
     for m, compile_step in ((model, False), (patched, True)):
-        cache = transformers.StaticCache(config=m.config, max_cache_len=16)
+        cache = StaticCache(config=m.config, max_cache_len=16)
         step = torch.compile(m.forward, fullgraph=True, backend="eager") if compile_step else m.forward
         logits = []
         with torch.no_grad():
@@ -129,10 +113,12 @@ def test_dynamic_cache_prefill_runs_the_op_and_decode_falls_back():
     model = make_model("v2-lite", use_cache=True)
     patched = patched_copy(model)
     prompt = token_ids(seqlen=6)
-    with torch.no_grad(), op_calls() as calls:
-        out = patched(prompt, use_cache=True)
-        patched(prompt[:, :1], cache=out.cache, use_cache=True)
-    assert calls == [torch.Size([2, 6, 64])] * 2  # the prefill's two layers, not the decode step
+    with torch.no_grad():
+        with OpCounter() as prefill:
+            out = patched(prompt, use_cache=True)
+        with OpCounter() as decode:
+            patched(prompt[:, :1], cache=out.cache, use_cache=True)
+    assert prefill.attention_calls() == 2 and decode.attention_calls() == 0  # two layers
 
 
 def test_mask_messages_name_what_was_seen():

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 import torch_mla
-from hf_models import clone_model, make_model, transformers
-from mla_testing import max_abs_err, max_rel_err
+from support import (HAVE_TRANSFORMERS, OpCounter, assert_ran_the_op, attention_saved_bytes, clone_model, make_model,
+                     max_abs_err, max_rel_err)
 
-pytestmark = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
+pytestmark = pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers is not installed")
 
 VOCAB = 96
+LAYERS = 2  # support.HF_COMMON's num_hidden_layers
 LENGTHS = (21, 9, 1, 16)  # real tokens per row; the longest row (21) sets S
 
 
@@ -35,14 +36,17 @@ def patched_copy(model, dtype=None, attn_implementation=None):
     return copy
 
 
-def real_logits_and_grads(model, ids, mask, autocast=False):
-    """Logits at real positions and every parameter's grad of a loss over real tokens, float64."""
+def real_logits_and_grads(model, ids, mask, autocast=False, op_layers=0):
+    """Logits at real positions and every parameter's grad of a loss over real tokens, float64;
+    op_layers: the layers whose attention must run torch_mla's op (0: unpatched)."""
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), OpCounter() as forward:
         logits = model(ids, attention_mask=mask).logits
     real = mask.bool()
     logits = logits[real]
-    logits.double().sin().sum().backward()
+    with OpCounter() as backward:
+        logits.double().sin().sum().backward()
+    assert_ran_the_op(op_layers, forward, backward)
     grads = {name: p.grad.double() for name, p in model.named_parameters() if p.grad is not None}
     return logits.detach().double(), grads
 
@@ -74,7 +78,8 @@ def test_padded_matches_hf_eager_fp32(case, side, attn_implementation):
     ids, mask = padded_batch(side)
     ref = real_logits_and_grads(reference(model), ids, mask)
     unpatched = real_logits_and_grads(model, ids, mask)
-    ours = real_logits_and_grads(patched_copy(model, attn_implementation=attn_implementation), ids, mask)
+    ours = real_logits_and_grads(patched_copy(model, attn_implementation=attn_implementation), ids, mask,
+                                 op_layers=LAYERS)
     err, worst = assert_close(ours, ref)
     assert_close(unpatched, ref)  # the yardstick holds for HF itself
     print(f"\n{case} {side}-padded ({attn_implementation} mask): logits max abs diff to HF eager "
@@ -89,7 +94,7 @@ def test_padded_matches_hf_eager_bf16(case, side):
     ids, mask = padded_batch(side)
     ref_logits, ref_grads = real_logits_and_grads(reference(model), ids, mask)
     naive_logits, naive_grads = real_logits_and_grads(clone_model(model, torch.bfloat16), ids, mask)
-    logits, grads = real_logits_and_grads(patched_copy(model, torch.bfloat16, "sdpa"), ids, mask)
+    logits, grads = real_logits_and_grads(patched_copy(model, torch.bfloat16, "sdpa"), ids, mask, op_layers=LAYERS)
     err, naive = max_abs_err(logits, ref_logits), max_abs_err(naive_logits, ref_logits)
     assert err <= 2 * naive, f"logits: {err:.3g} > 2 × HF bf16 {naive:.3g}"
     assert grads.keys() == ref_grads.keys()
@@ -110,13 +115,16 @@ def test_padded_and_packed_rows():
     position_ids = torch.stack([torch.cat([torch.arange(7), torch.arange(13)]),
                                 torch.cat([torch.arange(12), torch.arange(8)])])
 
-    def run(m):
+    def run(m, op_layers):
         m.zero_grad(set_to_none=True)
-        logits = m(ids, attention_mask=mask, position_ids=position_ids).logits[mask.bool()]
-        logits.double().sin().sum().backward()
+        with OpCounter() as forward:
+            logits = m(ids, attention_mask=mask, position_ids=position_ids).logits[mask.bool()]
+        with OpCounter() as backward:
+            logits.double().sin().sum().backward()
+        assert_ran_the_op(op_layers, forward, backward)
         return logits.detach().double(), {n: p.grad.double() for n, p in m.named_parameters()}
 
-    assert_close(run(patched_copy(model, attn_implementation="sdpa")), run(reference(model)))
+    assert_close(run(patched_copy(model, attn_implementation="sdpa"), LAYERS), run(reference(model), 0))
 
 
 def test_padded_training_20_steps():
@@ -168,22 +176,6 @@ def test_generate_left_padded(case, attn_implementation):
     assert torch.equal(ours.sequences, ref.sequences)
     for step_logits, ref_logits in zip(ours.logits, ref.logits):
         assert max_rel_err(step_logits, ref_logits) <= 1e-5
-
-
-def attention_saved_bytes(model, *args, **kwargs):
-    """Bytes autograd keeps for backward inside the attention modules (parameters excluded)."""
-    saved = torch_mla.SavedTensors()
-    handles = []
-    for m in model.modules():
-        if type(m).__name__.endswith("Attention"):
-            handles.append(m.register_forward_pre_hook(lambda *_: saved.__enter__() and None))
-            handles.append(m.register_forward_hook(lambda *_: saved.__exit__(None, None, None)))
-    try:
-        model(*args, **kwargs).logits.sum().backward()
-    finally:
-        for h in handles:
-            h.remove()
-    return saved.nbytes_excluding(*model.parameters())
 
 
 def test_padded_saves_what_packed_saves():

@@ -6,26 +6,32 @@ import pytest
 import torch
 
 import torch_mla
-from hf_models import CASES, attention_modules, clone_model, make_model, transformers
-from mla_testing import max_abs_err, max_rel_err
+from support import (HAVE_TRANSFORMERS, OpCounter, assert_ran_the_op, attention_modules, clone_model, make_model,
+                     max_abs_err, max_rel_err)
+from support import HF_CASES as CASES
 
-pytestmark = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
+pytestmark = pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers is not installed")
 
 VOCAB = 96
+LAYERS = 2  # support.HF_COMMON's num_hidden_layers
 
 
 def token_ids(batch=2, seqlen=33, seed=1):
     return torch.randint(0, VOCAB, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-def logits_and_grads(model, ids, autocast=False, **kwargs):
+def logits_and_grads(model, ids, autocast=False, op_layers=0, **kwargs):
     """Logits and every parameter's grad for a fixed nonlinear loss, in float64; with autocast,
     the forward runs under torch.autocast(bfloat16) and the backward outside it, as PyTorch
-    recommends."""
+    recommends. op_layers: the layers whose attention must run torch_mla's op (0: unpatched;
+    None: not counted, for compiled models)."""
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), OpCounter() as forward:
         logits = model(ids, **kwargs).logits
-    logits.double().sin().sum().backward()
+    with OpCounter() as backward:
+        logits.double().sin().sum().backward()
+    if op_layers is not None:
+        assert_ran_the_op(op_layers, forward, backward)
     grads = {name.replace("_orig_mod.", ""): p.grad.double() for name, p in model.named_parameters()}
     return logits.detach().double(), grads
 
@@ -53,7 +59,7 @@ def test_patched_matches_unpatched_fp32(case, save):
     model = make_model(case)
     ids = token_ids()
     ref = logits_and_grads(clone_model(model, torch.float64), ids)
-    ours = logits_and_grads(patched_copy(model, save=save), ids)
+    ours = logits_and_grads(patched_copy(model, save=save), ids, op_layers=LAYERS)
     unpatched = logits_and_grads(model, ids)
     assert_fp32_matches(ours, ref)
     assert_fp32_matches(unpatched, ref)  # the yardstick holds for HF itself
@@ -70,7 +76,8 @@ def test_head_chunks_reach_the_latent_only_block(head_chunks):
     ids = token_ids()
     patched = patched_copy(model, save="latent", head_chunks=head_chunks)
     assert [m.head_chunks for m in attention_modules(patched)] == [head_chunks] * model.config.num_hidden_layers
-    assert_fp32_matches(logits_and_grads(patched, ids), logits_and_grads(clone_model(model, torch.float64), ids))
+    assert_fp32_matches(logits_and_grads(patched, ids, op_layers=LAYERS),
+                        logits_and_grads(clone_model(model, torch.float64), ids))
     with pytest.raises(ValueError, match="head_chunks must be >= 1 or None, got 0"):
         torch_mla.patch_model(clone_model(model), save="latent", head_chunks=0)
 
@@ -82,7 +89,7 @@ def test_patched_matches_unpatched_bf16(case):
     ids = token_ids()
     ref_logits, ref_grads = logits_and_grads(clone_model(model, torch.float64), ids)
     naive_logits, naive_grads = logits_and_grads(clone_model(model, torch.bfloat16), ids)
-    logits, grads = logits_and_grads(patched_copy(model, torch.bfloat16), ids)
+    logits, grads = logits_and_grads(patched_copy(model, torch.bfloat16), ids, op_layers=LAYERS)
     err, naive = max_abs_err(logits, ref_logits), max_abs_err(naive_logits, ref_logits)
     assert err <= 2 * naive, f"logits: {err:.3g} > 2 × HF bf16 {naive:.3g}"
     for name in ref_grads:
@@ -99,7 +106,7 @@ def test_patched_under_autocast_bf16(save):
     ref_logits, ref_grads = logits_and_grads(clone_model(model, torch.float64), ids)
     patched = patched_copy(model, save=save)
     naive_logits, naive_grads = logits_and_grads(model, ids, autocast=True)
-    logits, grads = logits_and_grads(patched, ids, autocast=True)
+    logits, grads = logits_and_grads(patched, ids, autocast=True, op_layers=LAYERS)
     err, naive = max_abs_err(logits, ref_logits), max_abs_err(naive_logits, ref_logits)
     assert err <= 2 * naive, f"logits: {err:.3g} > 2 × HF autocast {naive:.3g}"
     for name in ref_grads:
@@ -114,7 +121,7 @@ def test_patched_under_torch_compile(case, backend):
     ids = token_ids()
     ref = logits_and_grads(clone_model(model, torch.float64), ids)
     compiled = torch.compile(patched_copy(model), backend=backend, fullgraph=False)
-    assert_fp32_matches(logits_and_grads(compiled, ids), ref)
+    assert_fp32_matches(logits_and_grads(compiled, ids, op_layers=LAYERS), ref)
 
 
 def test_patch_shares_parameters_and_state_dict():
@@ -137,7 +144,7 @@ def test_packed_sequences_from_position_ids(attn_implementation):
     position_ids = torch.stack([torch.cat([torch.arange(n) for n in seqlens])
                                 for seqlens in ((13, 1, 20, 6), (40,), (1, 39))])
     ref = logits_and_grads(clone_model(model, torch.float64), ids, position_ids=position_ids)
-    assert_fp32_matches(logits_and_grads(patched_copy(model), ids, position_ids=position_ids), ref)
+    assert_fp32_matches(logits_and_grads(patched_copy(model), ids, position_ids=position_ids, op_layers=LAYERS), ref)
 
 
 def test_packed_sequences_from_flash_attention_kwargs():
@@ -148,7 +155,7 @@ def test_packed_sequences_from_flash_attention_kwargs():
     position_ids = torch.cat([torch.arange(n) for n in seqlens])[None]
     cu = torch.tensor([0, 7, 32, 33, 40], dtype=torch.int32)
     ref = logits_and_grads(clone_model(model, torch.float64), ids, position_ids=position_ids)
-    ours = logits_and_grads(patched_copy(model), ids, position_ids=position_ids, use_cache=True,
+    ours = logits_and_grads(patched_copy(model), ids, position_ids=position_ids, op_layers=LAYERS, use_cache=True,
                             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=25, max_length_k=25)
     assert_fp32_matches(ours, ref)
 
@@ -159,7 +166,7 @@ def test_all_ones_attention_mask_is_causal(attn_implementation):
     ids = token_ids()
     mask = torch.ones_like(ids)
     ref = logits_and_grads(clone_model(model, torch.float64), ids, attention_mask=mask)
-    assert_fp32_matches(logits_and_grads(patched_copy(model), ids, attention_mask=mask), ref)
+    assert_fp32_matches(logits_and_grads(patched_copy(model), ids, attention_mask=mask, op_layers=LAYERS), ref)
 
 
 def test_custom_4d_masks_are_refused():
@@ -207,7 +214,7 @@ def test_gradient_checkpointing():
     ref = logits_and_grads(clone_model(model, torch.float64), ids)
     patched = patched_copy(model)
     patched.activation_checkpointing_enable()
-    assert_fp32_matches(logits_and_grads(patched, ids), ref)
+    assert_fp32_matches(logits_and_grads(patched, ids, op_layers=LAYERS), ref)
 
 
 @pytest.mark.parametrize("case", ["v3", "v2-lite"])

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import torch_mla
-from hf_models import make_model, transformers
-from mla_testing import max_rel_err
+from support import HAVE_TRANSFORMERS, OpCounter, assert_ran_the_op, attention_saved_bytes, make_model, max_rel_err
 
-pytestmark = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
+pytestmark = pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers is not installed")
 peft = pytest.importorskip("peft")
 
 VOCAB = 96
+LAYERS = 2  # support.HF_COMMON's num_hidden_layers
 TARGETS = ["q_b_proj", "q_proj", "kv_b_proj", "o_proj"]  # q_proj: the V2-Lite case
 
 
@@ -44,11 +44,16 @@ def lora_models(case, order="after", targets=TARGETS, **config_kwargs):
     return ref, ours
 
 
-def loss_and_adapter_grads(model, ids, seed=0, **kwargs):
+def loss_and_adapter_grads(model, ids, seed=0, op_layers=0, **kwargs):
+    """The loss and every trainable parameter's grad, float64; op_layers: the layers whose
+    attention must run torch_mla's op (0: unpatched)."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # the same dropout masks in every model
-    loss = model(ids, labels=ids, **kwargs).loss
-    loss.backward()
+    with OpCounter() as forward:
+        loss = model(ids, labels=ids, **kwargs).loss
+    with OpCounter() as backward:
+        loss.backward()
+    assert_ran_the_op(op_layers, forward, backward)
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(g is not None for g in grads.values()), \
         [n for n, g in grads.items() if g is None]
@@ -73,7 +78,7 @@ def test_lora_matches_unpatched(case, order):
     ids = token_ids()
     ref64 = loss_and_adapter_grads(copy.deepcopy(ref).double(), ids)
     unpatched = loss_and_adapter_grads(ref, ids)
-    result = loss_and_adapter_grads(ours, ids)
+    result = loss_and_adapter_grads(ours, ids, op_layers=LAYERS)
     err, worst = assert_same(result, ref64)
     assert_same(unpatched, ref64)
     print(f"\n{case} LoRA patched {order} get_peft_model: loss {result[0].item():.6f} vs unpatched "
@@ -89,7 +94,8 @@ def test_lora_only_on_consumed_projections(save_q_latent):
     ours = copy.deepcopy(ref)
     assert torch_mla.patch_model(ours, save_q_latent=save_q_latent) == 2
     ids = token_ids()
-    assert_same(loss_and_adapter_grads(ours, ids), loss_and_adapter_grads(copy.deepcopy(ref).double(), ids))
+    assert_same(loss_and_adapter_grads(ours, ids, op_layers=LAYERS),
+                loss_and_adapter_grads(copy.deepcopy(ref).double(), ids))
 
 
 @pytest.mark.parametrize("target", ["q_b_proj", "kv_b_proj", "o_proj"])
@@ -119,7 +125,8 @@ def test_lora_dropout_training(case, order):
     losses = []
     for step in range(10):
         ids = token_ids(seed=step)
-        results = [loss_and_adapter_grads(m, ids, seed=100 + step) for m in (ref, ours)]
+        results = [loss_and_adapter_grads(m, ids, seed=100 + step, op_layers=layers)
+                   for m, layers in ((ref, 0), (ours, LAYERS))]
         assert_same(results[1], results[0])
         losses.append([r[0].item() for r in results])
         for opt in optimizers:
@@ -136,13 +143,17 @@ def test_lora_padded_batch():
     mask[0, 13:] = 0
     mask[2, :5] = 0
     labels = ids.masked_fill(mask == 0, -100)
-    def run(model):
+
+    def run(model, op_layers):
         model.zero_grad(set_to_none=True)
-        loss = model(ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
+        with OpCounter() as forward:
+            loss = model(ids, attention_mask=mask, labels=labels).loss
+        with OpCounter() as backward:
+            loss.backward()
+        assert_ran_the_op(op_layers, forward, backward)
         return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
 
-    assert_same(run(ours), run(copy.deepcopy(ref).double()))
+    assert_same(run(ours, LAYERS), run(copy.deepcopy(ref).double(), 0))
 
 
 def test_several_adapters_merge_unmerge_disable():
@@ -154,7 +165,7 @@ def test_several_adapters_merge_unmerge_disable():
     for m in (ref, ours):
         m.base_model.set_adapter(["default", "second"])
     ids = token_ids()
-    both = loss_and_adapter_grads(ours, ids)
+    both = loss_and_adapter_grads(ours, ids, op_layers=LAYERS)
     assert_same(both, loss_and_adapter_grads(copy.deepcopy(ref).double(), ids))
     assert any(".second" in n for n in both[1])
 
@@ -199,7 +210,6 @@ def test_lora_keeps_the_latent_saving():
     """LoRA on q_b_proj and kv_b_proj adds, inside the attention, exactly the adapters' r values
     per token (u, joined to the latents the op saves: no second copy of c) and the widened
     weights [W | B] the op keeps (weight-sized, per layer)."""
-    from test_hf_padding import attention_saved_bytes
     ids = token_ids(seqlen=64)
     saved = []
     for targets in (["o_proj"], ["q_b_proj", "kv_b_proj", "o_proj"]):

@@ -11,21 +11,13 @@ import torch
 import torch_mla
 from torch_mla import MultiHeadLatentAttention
 from torch_mla.reference import mla_attention_reference
-from dist_testing import run_ranks
-from hf_models import attention_modules, make_model, transformers
-from mla_testing import MINICPM3, SMALL, HeadDims, TENSOR_ARGS, make_inputs, max_abs_err, max_rel_err
-from module_spec import block_spec
-from test_module import hidden, make_module
-from test_q_latent import cu_seqlens as q_latent_cu_seqlens
-from test_q_latent import make_inputs as q_latent_inputs
-from test_q_latent import op as q_latent_op
-from test_q_latent import q_latent_spec
+from support import (BF16, FP32, FP64, HAVE_TRANSFORMERS, SMALL, TENSOR_ARGS, attention_modules, block_spec,
+                     cu_seqlens_of, hidden, labelled, make_inputs, make_model, make_module, max_abs_err,
+                     max_rel_err, q_latent_inputs, q_latent_op, q_latent_spec, run_ranks)
 
-# MINICPM3's head dims (Dn+Dr = 96, Dv = 64) are ones our kernels are built for, so simt serves bf16.
 # 8 heads: the bf16 rule compares the largest error over the heads, which needs more than a couple.
-DIMS = HeadDims(heads=8, nope=MINICPM3.nope, rope=MINICPM3.rope, v=MINICPM3.v, latent=MINICPM3.latent)
-LAYOUTS = {"padded": dict(batch=2, seqlen=37), "packed": dict(seqlens=[5, 0, 70, 1])}
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}
+HEADS = 8
+LAYOUTS = {False: dict(batch=2, seqlen=37), True: dict(seqlens=[5, 0, 70, 1])}
 FP64_TOL, FP32_TOL = 1e-12, 1e-5
 
 
@@ -53,83 +45,100 @@ def check_against_reference(max_logits, inputs, **kwargs):
         assert err <= 2 * naive_err, f"max error {err:.3g} > 2 × naive {dtype} error {naive_err:.3g}"
 
 
-def inputs_for(backend, layout, dtype, **kwargs):
-    return backend.inputs(DIMS, **LAYOUTS[layout], dtype=dtype, requires_grad=False, **kwargs)
+# MINICPM3's head dims (Dn+Dr = 96, Dv = 64) are ones our kernels are built for, so simt serves bf16.
+ACCURACY = dict(dtypes=(FP64, FP32, BF16), dims=("minicpm3",))
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-def test_matches_reference(backend, dtype, layout, causal):
-    inputs, cu = inputs_for(backend, layout, dtype)
-    out, lse, max_logits = torch_mla.mla_attention(**inputs, causal=causal, cu_seqlens=cu, return_lse=True,
-                                                   return_max_logits=True)
-    check_against_reference(max_logits, inputs, causal=causal, cu_seqlens=cu)
-    # Asking for it changes nothing else the forward returns.
-    plain_out, plain_lse = torch_mla.mla_attention(**inputs, causal=causal, cu_seqlens=cu, return_lse=True)
-    assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+def inputs_for(core, case):
+    return core.inputs(case, heads=HEADS, **LAYOUTS[case.packed], requires_grad=False)
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-def test_shared_fallback_matches_reference(backend, dtype, layout, causal, monkeypatch):
+@pytest.mark.cases(**ACCURACY)
+def test_matches_reference(core):
+    for case in core.cases:
+        inputs, cu = inputs_for(core, case)
+        for causal in (True, False):
+            with labelled(case, "causal" if causal else "full"):
+                out, lse, max_logits = torch_mla.mla_attention(**inputs, causal=causal, cu_seqlens=cu,
+                                                               return_lse=True, return_max_logits=True)
+                check_against_reference(max_logits, inputs, causal=causal, cu_seqlens=cu)
+                # Asking for it changes nothing else the forward returns.
+                plain_out, plain_lse = torch_mla.mla_attention(**inputs, causal=causal, cu_seqlens=cu,
+                                                               return_lse=True)
+                assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+
+
+@pytest.mark.cases(**ACCURACY)
+def test_shared_fallback_matches_reference(core, monkeypatch):
     """The fallback of the stock cores (cudnn, efficient), forced on every core: lse-pruned
     recomputation of the scores. One head is given one dominant query row, so that lse prunes."""
-    inputs, cu = inputs_for(backend, layout, dtype)
-    with torch.no_grad():
-        inputs["q"][..., 3, 0, :] *= 4  # padded: token 3 of each sequence; packed: token 3
     monkeypatch.setenv("TORCH_MLA_MAX_LOGITS", "recompute")
-    _, max_logits = torch_mla.mla_attention(**inputs, causal=causal, cu_seqlens=cu, return_max_logits=True)
-    check_against_reference(max_logits, inputs, causal=causal, cu_seqlens=cu)
+    for case in core.cases:
+        inputs, cu = inputs_for(core, case)
+        with torch.no_grad():
+            inputs["q"][..., 3, 0, :] *= 4  # padded: token 3 of each sequence; packed: token 3
+        for causal in (True, False):
+            with labelled(case, "causal" if causal else "full"):
+                _, max_logits = torch_mla.mla_attention(**inputs, causal=causal, cu_seqlens=cu,
+                                                        return_max_logits=True)
+                check_against_reference(max_logits, inputs, causal=causal, cu_seqlens=cu)
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["core", "fallback"])
-@pytest.mark.parametrize("layout", ["padded-empty", "packed-empty"])
-def test_no_visible_pair_is_minus_inf(backend, layout, recompute, monkeypatch):
-    if recompute:
-        monkeypatch.setenv("TORCH_MLA_MAX_LOGITS", "recompute")
-    kwargs = dict(batch=0, seqlen=4) if layout == "padded-empty" else dict(seqlens=[0, 0])
-    inputs, cu = backend.inputs(SMALL, **kwargs, requires_grad=False)
-    _, max_logits = torch_mla.mla_attention(**inputs, cu_seqlens=cu, return_max_logits=True)
-    assert max_logits.shape == (SMALL.heads,) and max_logits.dtype == torch.float32
-    assert (max_logits == float("-inf")).all()
-    ref = reference_max_logits(inputs, torch.float64, cu_seqlens=cu)
-    assert (ref == float("-inf")).all()
+EMPTY = {False: dict(batch=0, seqlen=4), True: dict(seqlens=[0, 0])}
 
 
-def test_not_asked_for_is_an_empty_tensor(backend):
-    inputs, cu = backend.inputs(SMALL, batch=2, seqlen=5, requires_grad=False)
-    args = (*[inputs[k] for k in TENSOR_ARGS], SMALL.nope ** -0.5, True, cu, 0, backend.core)
+@pytest.mark.cases(dtypes=(FP32, BF16), dims=("small", "minicpm3"))
+def test_no_visible_pair_is_minus_inf(core, monkeypatch):
+    for case in core.one_per_layout():
+        inputs, cu = core.inputs(case, **EMPTY[case.packed], requires_grad=False)
+        for mode in ("core", "recompute"):
+            monkeypatch.setenv("TORCH_MLA_MAX_LOGITS", mode)
+            with labelled(case, mode):
+                _, max_logits = torch_mla.mla_attention(**inputs, cu_seqlens=cu, return_max_logits=True)
+                assert max_logits.shape == (2,) and max_logits.dtype == torch.float32
+                assert (max_logits == float("-inf")).all()
+                ref = reference_max_logits(inputs, torch.float64, cu_seqlens=cu)
+                assert (ref == float("-inf")).all()
+
+
+@pytest.mark.cases(dtypes=(FP32, BF16), dims=("small", "minicpm3"), packed=False)
+def test_not_asked_for_is_an_empty_tensor(core):
+    case = core.cases[0]  # any dtype and head dims
+    inputs, cu = core.inputs(case, batch=2, seqlen=5, requires_grad=False)
+    dims = case.head_dims()
+    args = (*[inputs[k] for k in TENSOR_ARGS], (dims.nope + dims.rope) ** -0.5, True, cu, 0, core.name)
     _, lse, max_logits = torch.ops.torch_mla.mla_attention(*args)
     assert max_logits.shape == (0,) and max_logits.dtype == lse.dtype
-    assert torch_mla.mla_attention(**inputs).shape == (2, 5, SMALL.heads, SMALL.v)
+    assert torch_mla.mla_attention(**inputs).shape == (2, 5, dims.heads, dims.v)
 
 
-def test_saved_tensors_unchanged(backend):
+@pytest.mark.cases(dtypes=(BF16,), dims=("minicpm3",), packed=True)
+def test_saved_tensors_unchanged(core):
     """max_logits is returned, never saved: the op saves the same six tensors."""
-    inputs, cu = backend.inputs(DIMS, seqlens=[3, 0, 9], dtype=torch.bfloat16)
-    with torch_mla.SavedTensors() as saved:
-        out, lse, max_logits = torch_mla.mla_attention(**inputs, cu_seqlens=cu, return_lse=True,
-                                                       return_max_logits=True)
-    six = [inputs["q"], inputs["kv_latent"], inputs["k_rope"], inputs["wkv_b"], out, lse]
-    assert all(saved.holds(t) for t in six) and not saved.holds(max_logits)
-    assert len(saved.storages) == 6
-    assert not max_logits.requires_grad
-    # The graph is whole: the loss may use max_logits' value, no gradient flows through it.
-    (out.float().sum() + max_logits.sum()).backward()
-    assert all(inputs[k].grad is not None for k in TENSOR_ARGS)
+    for case in core.cases:
+        inputs, cu = core.inputs(case, heads=HEADS, seqlens=[3, 0, 9])
+        with torch_mla.SavedTensors() as saved:
+            out, lse, max_logits = torch_mla.mla_attention(**inputs, cu_seqlens=cu, return_lse=True,
+                                                           return_max_logits=True)
+        six = [inputs["q"], inputs["kv_latent"], inputs["k_rope"], inputs["wkv_b"], out, lse]
+        assert all(saved.holds(t) for t in six) and not saved.holds(max_logits)
+        assert len(saved.storages) == 6
+        assert not max_logits.requires_grad
+        # The graph is whole: the loss may use max_logits' value, no gradient flows through it.
+        (out.float().sum() + max_logits.sum()).backward()
+        assert all(inputs[k].grad is not None for k in TENSOR_ARGS)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_opcheck(backend, packed):
-    if packed:
-        inputs, cu = backend.inputs(SMALL, seqlens=[4, 0, 9, 1])
-    else:
-        inputs, cu = backend.inputs(SMALL, batch=2, seqlen=7)
-    args = (*[inputs[k] for k in TENSOR_ARGS], SMALL.nope ** -0.5, True, cu, 0 if cu is None else 9,
-            backend.core, True)
-    torch.library.opcheck(torch.ops.torch_mla.mla_attention.default, args)
+@pytest.mark.cases(dtypes=(FP32, BF16), dims=("small", "minicpm3"))
+def test_opcheck(core):
+    for case in core.one_per_layout():
+        shape = dict(seqlens=[4, 0, 9, 1]) if case.packed else dict(batch=2, seqlen=7)
+        inputs, cu = core.inputs(case, **shape)
+        dims = case.head_dims()
+        args = (*[inputs[k] for k in TENSOR_ARGS], (dims.nope + dims.rope) ** -0.5, True, cu,
+                0 if cu is None else 9, core.name, True)
+        with labelled(case):
+            torch.library.opcheck(torch.ops.torch_mla.mla_attention.default, args)
 
 
 def test_compile_fullgraph_matches_eager():
@@ -153,7 +162,7 @@ def test_compile_fullgraph_matches_eager():
 def test_q_latent_op_matches_spec(layout):
     lead, seqlens = ((2, 37), None) if layout == "padded" else ((45,), [1, 17, 0, 27])
     inputs = q_latent_inputs(lead)
-    cu = q_latent_cu_seqlens(seqlens) if seqlens else None
+    cu = cu_seqlens_of(seqlens) if seqlens else None
     kwargs = dict(rope_interleave=True, cu_seqlens=cu, softmax_scale=0.3)
     out, max_logits = q_latent_op(**inputs, **kwargs, return_max_logits=True)
     assert not max_logits.requires_grad and max_logits.dtype == torch.float32
@@ -208,7 +217,7 @@ def test_module_compile_fullgraph_records():
     torch.testing.assert_close(module.max_logits, eager, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(transformers is None, reason="transformers is not installed")
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers is not installed")
 def test_hf_patched_attention_records_as_the_module():
     """patch_model's attention takes the module's path: setting record_max_logits on a patched
     Hugging Face attention records the same values as MultiHeadLatentAttention on its weights."""

@@ -6,39 +6,16 @@ import torch
 
 import torch_mla
 from torch_mla import MultiHeadLatentAttention
-from hf_models import YARN, transformers
-from mla_testing import max_rel_err
-from module_spec import block_spec, yarn_scale_spec
+from support import YARN, block_spec, hidden, make_module, max_rel_err, yarn_scale_spec
+from support import MODULE_SIZES as SIZES
+
+try:
+    import transformers
+except ImportError:
+    transformers = None
 
 needs_transformers = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
-
-SIZES = dict(hidden_size=48, num_heads=3, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-             v_head_dim=12)
-CASES = {
-    "q-lora": dict(q_lora_rank=24),
-    "no-q-lora": dict(q_lora_rank=None),
-    "half-rotate": dict(q_lora_rank=24, rope_interleave=False),
-    "yarn-bias": dict(q_lora_rank=24, rope_scaling=YARN, rope_theta=YARN["rope_theta"], attention_bias=True),
-}
-
-
-def make_module(case, seed=0, **overrides):
-    torch.manual_seed(seed)
-    module = MultiHeadLatentAttention(**SIZES, **CASES[case], **overrides)
-    with torch.no_grad():  # unit-scale projections; non-trivial norm weights and biases
-        for name, p in module.named_parameters():
-            if name.endswith("layernorm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.5)
-            else:
-                p.normal_(0, p.shape[1] ** -0.5)
-    return module
-
-
-def hidden(lead, seed=1, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*lead, SIZES["hidden_size"], generator=gen, dtype=torch.float64).to(dtype)
+CASES = ["q-lora", "no-q-lora", "half-rotate", "yarn-bias"]  # of support.MODULE_CASES
 
 
 def out_and_grads(fn, params, x):
@@ -63,7 +40,7 @@ def module_fn(module, **kwargs):
 
 
 @pytest.mark.parametrize("save_q_latent", [True, False], ids=["q-latent", "q-saved"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_fp32_matches_float64_spec(case, save_q_latent):
     module = make_module(case, save_q_latent=save_q_latent)
     position_ids = torch.arange(5, 5 + 37)  # an offset, as in a continued sequence

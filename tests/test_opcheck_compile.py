@@ -3,33 +3,40 @@ import pytest
 import torch
 
 import torch_mla
-from mla_testing import SMALL, TENSOR_ARGS, make_inputs, run_with_grads
+from support import BF16, FP32, SMALL, TENSOR_ARGS, labelled, make_inputs, run_with_grads
 
 
-def op_args(inputs, cu, core, causal=True):
-    return (*[inputs[k] for k in TENSOR_ARGS], SMALL.nope ** -0.5, causal, cu, 0 if cu is None else 9, core)
+def op_args(inputs, cu, case, core, causal=True):
+    dims = case.head_dims()
+    return (*[inputs[k] for k in TENSOR_ARGS], (dims.nope + dims.rope) ** -0.5, causal, cu, 0 if cu is None else 9,
+            core)
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_opcheck_forward(backend, packed, causal):
-    if packed:
-        inputs, cu = backend.inputs(SMALL, seqlens=[4, 0, 9, 1])
-    else:
-        inputs, cu = backend.inputs(SMALL, batch=2, seqlen=7)
-    torch.library.opcheck(torch.ops.torch_mla.mla_attention.default, op_args(inputs, cu, backend.core, causal))
+def one_case_per_layout(core, requires_grad=True):
+    """(case, inputs, cu) of one served case per layout: opcheck's checks hold for any dtype and dims."""
+    for case in core.one_per_layout():
+        shape = dict(seqlens=[4, 0, 9, 1]) if case.packed else dict(batch=2, seqlen=7)
+        yield (case, *core.inputs(case, requires_grad=requires_grad, **shape))
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_opcheck_backward(backend, packed):
-    if packed:
-        inputs, cu = backend.inputs(SMALL, seqlens=[4, 0, 9, 1], requires_grad=False)
-    else:
-        inputs, cu = backend.inputs(SMALL, batch=2, seqlen=7, requires_grad=False)
-    out, lse, _ = torch.ops.torch_mla.mla_attention(*op_args(inputs, cu, backend.core))
-    grad_out = torch.randn_like(out)
-    args = (grad_out, *[inputs[k] for k in TENSOR_ARGS], out, lse, *op_args(inputs, cu, backend.core)[4:])
-    torch.library.opcheck(torch.ops.torch_mla.mla_attention_backward.default, args)
+@pytest.mark.cases(dtypes=(FP32, BF16), dims=("small", "minicpm3"))
+def test_opcheck_forward(core):
+    for case, inputs, cu in one_case_per_layout(core):
+        for causal in (True, False):
+            with labelled(case, "causal" if causal else "full"):
+                torch.library.opcheck(torch.ops.torch_mla.mla_attention.default,
+                                      op_args(inputs, cu, case, core.name, causal))
+
+
+@pytest.mark.cases(dtypes=(FP32, BF16), dims=("small", "minicpm3"))
+def test_opcheck_backward(core):
+    for case, inputs, cu in one_case_per_layout(core, requires_grad=False):
+        args = op_args(inputs, cu, case, core.name)
+        out, lse, _ = torch.ops.torch_mla.mla_attention(*args)
+        grad_out = torch.randn_like(out)
+        with labelled(case):
+            torch.library.opcheck(torch.ops.torch_mla.mla_attention_backward.default,
+                                  (grad_out, *args[:4], out, lse, *args[4:]))
 
 
 def loss_fn(q, kv_latent, k_rope, wkv_b, cu_seqlens=None):

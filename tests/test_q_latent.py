@@ -3,74 +3,12 @@
 Checked against an independent float64 spec (q expanded with a rotate-half RoPE, then the
 mla_attention reference), with gradcheck, opcheck and torch.compile, and by counting
 what it saves."""
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 import torch_mla
-from torch_mla.reference import mla_attention_reference
-from mla_testing import max_abs_err, max_rel_err
-from module_spec import rope_spec
-
-TENSORS = ("q_latent", "wq_b", "cos", "sin", "kv_latent", "k_rope", "wkv_b")
-
-
-@dataclass(frozen=True)
-class Dims:
-    heads: int
-    nope: int
-    rope: int
-    v: int
-    latent: int
-    q_latent: int
-
-
-SMALL = Dims(heads=2, nope=16, rope=8, v=16, latent=32, q_latent=24)
-TINY = Dims(heads=2, nope=4, rope=4, v=4, latent=6, q_latent=5)  # gradcheck: one forward per input element
-
-
-def make_inputs(lead, dims=SMALL, dtype=torch.float32, seed=0, rope_scale=1.0):
-    """Unit-scale inputs; cos/sin of random angles, times rope_scale (YaRN's attention factor)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
-
-    angles = torch.rand(*lead, dims.rope // 2, generator=gen, dtype=torch.float64) * 6.28
-    return dict(
-        q_latent=rand(*lead, dims.q_latent),
-        wq_b=rand(dims.heads * (dims.nope + dims.rope), dims.q_latent, scale=dims.q_latent ** -0.5),
-        cos=(angles.cos() * rope_scale).float(),
-        sin=(angles.sin() * rope_scale).float(),
-        kv_latent=rand(*lead, dims.latent),
-        k_rope=rand(*lead, dims.rope),
-        wkv_b=rand(dims.heads * (dims.nope + dims.v), dims.latent, scale=dims.latent ** -0.5),
-    )
-
-
-def cu_seqlens(seqlens):
-    return torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], dtype=torch.int32)
-
-
-def q_latent_spec(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, *, rope_interleave,
-                  cu_seqlens=None, softmax_scale=None, return_max_logits=False):
-    dim_rope = k_rope.shape[-1]
-    q = (q_latent @ wq_b.t()).unflatten(-1, (SMALL.heads, -1))
-    q_rope = rope_spec(q[..., -dim_rope:], cos.unsqueeze(-2).to(q.dtype), sin.unsqueeze(-2).to(q.dtype),
-                       rope_interleave)
-    q = torch.cat((q[..., :-dim_rope], q_rope), -1)
-    return mla_attention_reference(q, kv_latent, k_rope, wkv_b, cu_seqlens=cu_seqlens,
-                                   softmax_scale=softmax_scale, return_max_logits=return_max_logits)
-
-
-def op(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, *, rope_interleave, cu_seqlens=None,
-       softmax_scale=None, return_max_logits=False):
-    # SMALL and TINY have the same number of heads.
-    return torch_mla.mla_attention_q_latent(
-        q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, num_heads=SMALL.heads,
-        rope_interleave=rope_interleave, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale,
-        return_max_logits=return_max_logits)
+from support import (Q_SMALL, Q_TENSORS, Q_TINY, cu_seqlens_of, max_abs_err, max_rel_err, q_latent_inputs,
+                     q_latent_op, q_latent_spec, rope_spec)
 
 
 def out_and_grads(fn, inputs, dtype, **kwargs):
@@ -78,8 +16,8 @@ def out_and_grads(fn, inputs, dtype, **kwargs):
               for k, v in inputs.items()}
     out = fn(**leaves, **kwargs)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    grads = torch.autograd.grad(out, [leaves[k] for k in TENSORS], grad_out.to(out.dtype))
-    return {"out": out.detach(), **dict(zip(TENSORS, grads))}
+    grads = torch.autograd.grad(out, [leaves[k] for k in Q_TENSORS], grad_out.to(out.dtype))
+    return {"out": out.detach(), **dict(zip(Q_TENSORS, grads))}
 
 
 CONFIGS = {
@@ -92,21 +30,21 @@ CONFIGS = {
 @pytest.mark.parametrize("layout", list(CONFIGS))
 def test_fp32_matches_float64_spec(layout, interleave):
     cfg = CONFIGS[layout]
-    inputs = make_inputs(cfg["lead"], rope_scale=1.2)
-    cu = cu_seqlens(cfg["seqlens"]) if "seqlens" in cfg else None
+    inputs = q_latent_inputs(cfg["lead"], rope_scale=1.2)
+    cu = cu_seqlens_of(cfg["seqlens"]) if "seqlens" in cfg else None
     kwargs = dict(rope_interleave=interleave, cu_seqlens=cu, softmax_scale=0.3)
-    ours = out_and_grads(op, inputs, torch.float32, **kwargs)
+    ours = out_and_grads(q_latent_op, inputs, torch.float32, **kwargs)
     ref = out_and_grads(q_latent_spec, {k: v.double() for k, v in inputs.items()}, torch.float64, **kwargs)
     for name in ref:
         assert max_rel_err(ours[name], ref[name]) <= 1e-5, name
 
 
 def test_bf16_within_twice_naive_error():
-    inputs = make_inputs((2, 40))
+    inputs = q_latent_inputs((2, 40))
     kwargs = dict(rope_interleave=True)
     ref = out_and_grads(q_latent_spec, {k: v.double() for k, v in inputs.items()}, torch.float64, **kwargs)
     naive = out_and_grads(q_latent_spec, inputs, torch.bfloat16, **kwargs)
-    ours = out_and_grads(op, inputs, torch.bfloat16, **kwargs)
+    ours = out_and_grads(q_latent_op, inputs, torch.bfloat16, **kwargs)
     assert ours["out"].dtype == torch.bfloat16
     for name in ref:
         factor = 2 if name == "out" else 3
@@ -116,42 +54,42 @@ def test_bf16_within_twice_naive_error():
 
 def test_same_as_mla_attention_on_expanded_q():
     """The op is mla_attention on the q it expands: identical forward values in float64."""
-    inputs = {k: v.double() for k, v in make_inputs((2, 9)).items()}
-    d = SMALL
+    inputs = {k: v.double() for k, v in q_latent_inputs((2, 9)).items()}
+    d = Q_SMALL
     q = (inputs["q_latent"] @ inputs["wq_b"].t()).unflatten(-1, (d.heads, d.nope + d.rope))
     q = torch.cat((q[..., :d.nope], rope_spec(q[..., d.nope:], inputs["cos"].unsqueeze(-2).double(),
                                               inputs["sin"].unsqueeze(-2).double(), True)), -1)
     expected = torch_mla.mla_attention(q, inputs["kv_latent"], inputs["k_rope"], inputs["wkv_b"])
-    torch.testing.assert_close(op(**inputs, rope_interleave=True), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q_latent_op(**inputs, rope_interleave=True), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("interleave", [True, False], ids=["interleave", "half"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_gradcheck_float64(layout, interleave):
-    lead, cu = ((2, 5), None) if layout == "padded" else ((9,), cu_seqlens([4, 0, 1, 4]))
-    inputs = {k: v.double().requires_grad_() for k, v in make_inputs(lead, TINY, rope_scale=1.3).items()}
+    lead, cu = ((2, 5), None) if layout == "padded" else ((9,), cu_seqlens_of([4, 0, 1, 4]))
+    inputs = {k: v.double().requires_grad_() for k, v in q_latent_inputs(lead, Q_TINY, rope_scale=1.3).items()}
 
     def fn(*tensors):
-        return op(*tensors, rope_interleave=interleave, cu_seqlens=cu, softmax_scale=0.4)
+        return q_latent_op(*tensors, rope_interleave=interleave, cu_seqlens=cu, softmax_scale=0.4)
 
-    assert torch.autograd.gradcheck(fn, tuple(inputs[k] for k in TENSORS))
+    assert torch.autograd.gradcheck(fn, tuple(inputs[k] for k in Q_TENSORS))
 
 
 def op_args(inputs, cu, interleave=True):
-    return (*[inputs[k] for k in TENSORS], SMALL.heads, 0.3, True, interleave, cu, 0 if cu is None else 9)
+    return (*[inputs[k] for k in Q_TENSORS], Q_SMALL.heads, 0.3, True, interleave, cu, 0 if cu is None else 9)
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_opcheck(layout):
-    lead, cu = ((2, 7), None) if layout == "padded" else ((14,), cu_seqlens([4, 0, 9, 1]))
-    inputs = {k: v.requires_grad_() for k, v in make_inputs(lead).items()}
+    lead, cu = ((2, 7), None) if layout == "padded" else ((14,), cu_seqlens_of([4, 0, 9, 1]))
+    inputs = {k: v.requires_grad_() for k, v in q_latent_inputs(lead).items()}
     torch.library.opcheck(torch.ops.torch_mla.mla_attention_q_latent.default, op_args(inputs, cu))
 
 
 def test_saves_q_latent_not_q():
-    inputs = {k: v.requires_grad_() for k, v in make_inputs((2, 11)).items()}
+    inputs = {k: v.requires_grad_() for k, v in q_latent_inputs((2, 11)).items()}
     with torch_mla.SavedTensors() as saved:
-        out, lse = torch_mla.mla_attention_q_latent(**inputs, num_heads=SMALL.heads, return_lse=True)
+        out, lse = torch_mla.mla_attention_q_latent(**inputs, num_heads=Q_SMALL.heads, return_lse=True)
     kept = [*inputs.values(), out, lse]
     assert all(saved.holds(t) for t in kept)
     assert saved.nbytes == sum(t.untyped_storage().nbytes() for t in kept)
@@ -159,7 +97,7 @@ def test_saves_q_latent_not_q():
 
 def loss_fn(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b, cu_seqlens=None):
     out = torch_mla.mla_attention_q_latent(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b,
-                                           num_heads=SMALL.heads, cu_seqlens=cu_seqlens)
+                                           num_heads=Q_SMALL.heads, cu_seqlens=cu_seqlens)
     return out.float().square().sum()
 
 
@@ -167,12 +105,12 @@ def assert_compiled_equals_eager(compiled, inputs, cu=None):
     def run(fn):
         leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
         loss = fn(**leaves, cu_seqlens=cu)
-        return loss, torch.autograd.grad(loss, [leaves[k] for k in TENSORS])
+        return loss, torch.autograd.grad(loss, [leaves[k] for k in Q_TENSORS])
 
     eager_loss, eager_grads = run(loss_fn)
     loss, grads = run(compiled)
     torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
-    for name, g, ref in zip(TENSORS, grads, eager_grads):
+    for name, g, ref in zip(Q_TENSORS, grads, eager_grads):
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6, msg=name)
 
 
@@ -180,46 +118,46 @@ def test_compile_fullgraph_dynamic_matches_eager():
     torch._dynamo.reset()
     compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True)
     for seqlen in (19, 40):
-        assert_compiled_equals_eager(compiled, make_inputs((2, seqlen), seed=seqlen))
+        assert_compiled_equals_eager(compiled, q_latent_inputs((2, seqlen), seed=seqlen))
 
 
 def test_compile_fullgraph_packed_matches_eager():
     torch._dynamo.reset()
     compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True, backend="aot_eager")
     for seqlens in ([5, 0, 17], [1, 30, 2, 9]):
-        assert_compiled_equals_eager(compiled, make_inputs((sum(seqlens),)), cu_seqlens(seqlens))
+        assert_compiled_equals_eager(compiled, q_latent_inputs((sum(seqlens),)), cu_seqlens_of(seqlens))
 
 
 def test_autocast_runs_in_autocast_dtype():
     """Under torch.autocast(bfloat16), float32 inputs are cast as F.linear's are; cos/sin stay."""
-    inputs = make_inputs((2, 13))
-    expected = out_and_grads(op, inputs, torch.bfloat16, rope_interleave=True)
+    inputs = q_latent_inputs((2, 13))
+    expected = out_and_grads(q_latent_op, inputs, torch.bfloat16, rope_interleave=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = out_and_grads(op, inputs, torch.float32, rope_interleave=True)
+        ours = out_and_grads(q_latent_op, inputs, torch.float32, rope_interleave=True)
     assert ours["out"].dtype == torch.bfloat16
     torch.testing.assert_close(ours["out"], expected["out"], rtol=0, atol=0)
-    for name in TENSORS:  # grads arrive in each input's own dtype
+    for name in Q_TENSORS:  # grads arrive in each input's own dtype
         torch.testing.assert_close(ours[name].to(expected[name].dtype), expected[name], rtol=0, atol=0)
 
 
 def test_argument_errors():
-    inputs = make_inputs((2, 5))
+    inputs = q_latent_inputs((2, 5))
     bad_cos = dict(inputs, cos=inputs["cos"][..., :-1])
     with pytest.raises(ValueError, match="cos must have shape"):
-        op(**bad_cos, rope_interleave=True)
+        q_latent_op(**bad_cos, rope_interleave=True)
     bad_wq = dict(inputs, wq_b=inputs["wq_b"][:-1])
     with pytest.raises(ValueError, match="wq_b must have shape"):
-        op(**bad_wq, rope_interleave=True)
+        q_latent_op(**bad_wq, rope_interleave=True)
     with pytest.raises(ValueError, match="q_latent must have shape"):
-        op(**inputs, rope_interleave=True, cu_seqlens=cu_seqlens([5, 5]))
+        q_latent_op(**inputs, rope_interleave=True, cu_seqlens=cu_seqlens_of([5, 5]))
     bad_dtype = dict(inputs, wq_b=inputs["wq_b"].double())
     with pytest.raises(ValueError, match="wq_b must have q_latent's dtype"):
-        op(**bad_dtype, rope_interleave=True)
+        q_latent_op(**bad_dtype, rope_interleave=True)
 
 
 def test_double_backward_is_refused():
-    inputs = {k: v.double().requires_grad_() for k, v in make_inputs((1, 4), TINY).items()}
-    out = op(**inputs, rope_interleave=True)
+    inputs = {k: v.double().requires_grad_() for k, v in q_latent_inputs((1, 4), Q_TINY).items()}
+    out = q_latent_op(**inputs, rope_interleave=True)
     (grad_q_latent,) = torch.autograd.grad(out.sum(), inputs["q_latent"], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         grad_q_latent.sum().backward()

@@ -1,28 +1,26 @@
 """The memory claim, measured: the op saves exactly q, kv_latent, k_rope, wkv_b, out and lse."""
 import pytest
-import torch
 
 import torch_mla
 from torch_mla.reference import mla_attention_reference
-from mla_testing import DSV3, HeadDims, make_inputs
+from support import BF16, DSV3, FP32, HeadDims, labelled, make_inputs
 
 DSV3_H128 = HeadDims(heads=128, nope=DSV3.nope, rope=DSV3.rope, v=DSV3.v, latent=DSV3.latent)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_op_saves_exactly_the_six_tensors(backend, packed, dtype):
+@pytest.mark.cases(dtypes=(FP32, BF16), dims=("dsv3",))
+def test_op_saves_exactly_the_six_tensors(core):
     """Whatever the core: no core may keep K, V or anything else of its own for backward."""
-    if packed:
-        inputs, cu = backend.inputs(DSV3, seqlens=[3, 0, 9], dtype=dtype)
-    else:
-        inputs, cu = backend.inputs(DSV3, batch=2, seqlen=6, dtype=dtype)
-    with torch_mla.SavedTensors() as saved:
-        out, lse = torch_mla.mla_attention(**inputs, cu_seqlens=cu, return_lse=True)
-    six = [inputs["q"], inputs["kv_latent"], inputs["k_rope"], inputs["wkv_b"], out, lse]
-    assert all(saved.holds(t) for t in six)
-    assert len(saved.storages) == 6
-    assert saved.nbytes == sum(t.untyped_storage().nbytes() for t in six)
+    for case in core.cases:
+        shape = dict(seqlens=[3, 0, 9]) if case.packed else dict(batch=2, seqlen=6)
+        inputs, cu = core.inputs(case, **shape)
+        with torch_mla.SavedTensors() as saved:
+            out, lse = torch_mla.mla_attention(**inputs, cu_seqlens=cu, return_lse=True)
+        six = [inputs["q"], inputs["kv_latent"], inputs["k_rope"], inputs["wkv_b"], out, lse]
+        with labelled(case):
+            assert all(saved.holds(t) for t in six)
+            assert len(saved.storages) == 6
+            assert saved.nbytes == sum(t.untyped_storage().nbytes() for t in six)
 
 
 def bytes_per_token(fn, inputs, tokens):

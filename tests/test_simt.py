@@ -1,8 +1,8 @@
 """The `simt` core: our CUDA kernels (csrc/torch_mla/cuda) run on CPU tensors by the SIMT emulator
 (csrc/simt), so that CI without a GPU tests their indexing, masking and synchronisation.
 
-Beyond the shared bodies of test_op.py & co. (which run on ("cpu", "simt") through conftest's
-BACKENDS): both tuned head shapes ((192, 128) with H ∈ {1, 2, 3}; (96, 64)), bf16 and fp16, padded
+Beyond the shared bodies of test_op.py & co. (which run on ("cpu", "simt") for the cases of its
+served list, support.served_cases): both tuned head shapes ((192, 128) with H ∈ {1, 2, 3}; (96, 64)), bf16 and fp16, padded
 and packed batches (lengths 0 and 1 included), causal and not, sequence lengths 1, 63, 64, 65, 127,
 128, 129, the atomic and the deterministic backward (the deterministic one bitwise equal across
 two runs and two lane orders), non-contiguous inputs, NaN-poisoned memory past each tensor's
@@ -15,16 +15,15 @@ import pytest
 import torch
 
 import torch_mla
-from mla_testing import (TENSOR_ARGS, HeadDims, check_lowp_against_reference, check_results, make_inputs, nan_padded,
-                         run_with_grads)
+from support import (BF16, FP16, TENSOR_ARGS, Core, check_lowp_against_reference, check_results, labelled,
+                     make_inputs, nan_padded, run_with_grads, served_cases)
 
-# Small latents: the core never sees them, and the float64 reference is cheaper.
-DSV3 = {h: HeadDims(heads=h, nope=128, rope=64, v=128, latent=64) for h in (1, 2, 3)}
-MINICPM3 = HeadDims(heads=2, nope=64, rope=32, v=64, latent=64)
-SHAPES = [DSV3[1], DSV3[2], DSV3[3], MINICPM3]
-SHAPE_IDS = ["192x128-h1", "192x128-h2", "192x128-h3", "96x64-h2"]
-LOWP = [torch.bfloat16, torch.float16]
-LOWP_IDS = ["bf16", "fp16"]
+# The simt core's served list (support.served_cases): bf16/fp16 at the two tuned head shapes.
+SIMT = Core("cpu", "simt", served_cases("cpu", "simt"))
+# Head counts per shape (192x128 with one, two and three heads); small latents: the core never
+# sees them, and the float64 reference is cheaper.
+HEADS = {"dsv3": (1, 2, 3), "minicpm3": (2,)}
+LATENT = 64
 SEQLENS = [1, 63, 64, 65, 127, 128, 129]
 # Every length above in one packed call, with empty and one-token sequences between them.
 PACKED = [1, 63, 0, 64, 65, 127, 0, 128, 129, 1]
@@ -34,7 +33,7 @@ PACKED = [1, 63, 0, 64, 65, 127, 0, 128, 129, 1]
 def simt(monkeypatch):
     """Every test forces the simt core, in the emulator's default (forward) lane order."""
     monkeypatch.delenv("TORCH_MLA_SIMT_ORDER", raising=False)
-    with torch_mla.use_backend("simt"):
+    with torch_mla.use_core("simt"):
         yield
 
 
@@ -46,11 +45,13 @@ def deterministic(request):
     torch.use_deterministic_algorithms(previous)
 
 
-def simt_inputs(dims, dtype, **kwargs):
-    inputs, cu = make_inputs(dims, dtype=dtype, **kwargs)
-    choice = torch_mla.explain(*(inputs[k] for k in TENSOR_ARGS), cu_seqlens=cu, backend="simt")
-    assert choice.core == "simt", choice.reasons["simt"]
-    return inputs, cu
+def case(dtype, dims, packed):
+    """A case of SIMT's list (an error if it is not listed)."""
+    return next(c for c in SIMT.cases if (c.dtype, c.dims, c.packed) == (dtype, dims, packed))
+
+
+def simt_inputs(c, heads=2, **kwargs):
+    return SIMT.inputs(c, heads=heads, latent=LATENT, **kwargs)
 
 
 def run_and_check(inputs, **kwargs):
@@ -59,25 +60,25 @@ def run_and_check(inputs, **kwargs):
     return results
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("dtype", LOWP, ids=LOWP_IDS)
-@pytest.mark.parametrize("dims", SHAPES, ids=SHAPE_IDS)
-def test_packed_matches_reference(deterministic, dims, dtype, causal):
-    inputs, cu = simt_inputs(dims, dtype, seqlens=PACKED)
-    run_and_check(inputs, causal=causal, cu_seqlens=cu)
+def test_packed_matches_reference(deterministic):
+    for c in SIMT.cases:
+        if not c.packed:
+            continue
+        for heads in HEADS[c.dims]:
+            inputs, cu = simt_inputs(c, heads, seqlens=PACKED)
+            for causal in (True, False):
+                with labelled(c, f"H={heads}", "causal" if causal else "full"):
+                    run_and_check(inputs, causal=causal, cu_seqlens=cu)
 
 
-# Each length padded, in both shapes; dtype and masking alternate over the lengths.
-PADDED_CASES = [(dims, seqlen, LOWP[i % 2], i % 3 != 2)
-                for dims in (DSV3[2], MINICPM3) for i, seqlen in enumerate(SEQLENS)]
-
-
-@pytest.mark.parametrize("dims,seqlen,dtype,causal", PADDED_CASES,
-                         ids=[f"{'192x128' if d.nope == 128 else '96x64'}-s{s}-{LOWP_IDS[LOWP.index(t)]}-"
-                              f"{'causal' if c else 'full'}" for d, s, t, c in PADDED_CASES])
-def test_padded_matches_reference(deterministic, dims, seqlen, dtype, causal):
-    inputs, _ = simt_inputs(dims, dtype, batch=2, seqlen=seqlen)
-    run_and_check(inputs, causal=causal)
+def test_padded_matches_reference(deterministic):
+    """Each length padded, in both shapes; dtype and masking alternate over the lengths."""
+    for dims in ("dsv3", "minicpm3"):
+        for i, seqlen in enumerate(SEQLENS):
+            c, causal = case((BF16, FP16)[i % 2], dims, False), i % 3 != 2
+            inputs, _ = simt_inputs(c, batch=2, seqlen=seqlen)
+            with labelled(c, f"S={seqlen}", "causal" if causal else "full"):
+                run_and_check(inputs, causal=causal)
 
 
 def run_in_order(monkeypatch, order, inputs, cu):
@@ -85,10 +86,10 @@ def run_in_order(monkeypatch, order, inputs, cu):
     return run_with_grads(torch_mla.mla_attention, inputs, cu_seqlens=cu)
 
 
-@pytest.mark.parametrize("dtype", LOWP, ids=LOWP_IDS)
-@pytest.mark.parametrize("dims", [DSV3[3], MINICPM3], ids=["192x128-h3", "96x64-h2"])
-def test_deterministic_backward_is_bitwise_equal_across_runs_and_lane_orders(monkeypatch, dims, dtype):
-    inputs, cu = simt_inputs(dims, dtype, seqlens=[65, 1, 0, 129])
+@pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dims,heads", [("dsv3", 3), ("minicpm3", 2)], ids=["192x128-h3", "96x64-h2"])
+def test_deterministic_backward_is_bitwise_equal_across_runs_and_lane_orders(monkeypatch, dims, heads, dtype):
+    inputs, cu = simt_inputs(case(dtype, dims, True), heads, seqlens=[65, 1, 0, 129])
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -104,20 +105,20 @@ def test_deterministic_backward_is_bitwise_equal_across_runs_and_lane_orders(mon
 
 
 def test_atomic_backward_matches_reference_in_every_lane_order(monkeypatch):
-    inputs, cu = simt_inputs(DSV3[2], torch.bfloat16, seqlens=[65, 1, 0, 129])
+    inputs, cu = simt_inputs(case(BF16, "dsv3", True), seqlens=[65, 1, 0, 129])
     for order in ("reverse", "random:3"):
         check_results(run_in_order(monkeypatch, order, inputs, cu), inputs, cu_seqlens=cu)
 
 
 def test_bad_lane_order_is_an_error(monkeypatch):
-    inputs, cu = simt_inputs(MINICPM3, torch.bfloat16, seqlens=[3], requires_grad=False)
+    inputs, cu = simt_inputs(case(BF16, "minicpm3", True), seqlens=[3], requires_grad=False)
     monkeypatch.setenv("TORCH_MLA_SIMT_ORDER", "sideways")
     with pytest.raises(RuntimeError, match="TORCH_MLA_SIMT_ORDER"):
         torch_mla.mla_attention(**inputs, cu_seqlens=cu)
 
 
-@pytest.mark.parametrize("dtype", LOWP, ids=LOWP_IDS)
-@pytest.mark.parametrize("dims", [DSV3[2], MINICPM3], ids=["192x128-h2", "96x64-h2"])
+@pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dims", ["dsv3", "minicpm3"], ids=["192x128-h2", "96x64-h2"])
 def test_non_contiguous_inputs_with_nan_past_their_ends(deterministic, dims, dtype):
     """q and grad_out are views whose neighbouring rows and columns are NaN, kv_latent and k_rope
     the two halves of one NaN-padded kv_a_proj_with_mqa output, wkv_b a view with NaN columns: none is
@@ -125,7 +126,9 @@ def test_non_contiguous_inputs_with_nan_past_their_ends(deterministic, dims, dty
     refuses any access outside the extents the core registers)."""
     seqlens = [65, 1, 0, 130]
     T = sum(seqlens)
-    inputs, cu = simt_inputs(dims, dtype, seqlens=seqlens, requires_grad=False)
+    c = case(dtype, dims, True)
+    inputs, cu = simt_inputs(c, seqlens=seqlens, requires_grad=False)
+    dims = c.head_dims(latent=LATENT)
     gen = torch.Generator().manual_seed(5)
     grad_out = torch.randn(T, dims.heads, dims.v, generator=gen).to(dtype)
 
@@ -147,7 +150,8 @@ def test_non_contiguous_inputs_with_nan_past_their_ends(deterministic, dims, dty
 
 
 def test_auto_never_takes_simt():
-    inputs, cu = make_inputs(MINICPM3, dtype=torch.bfloat16, seqlens=[3, 5], requires_grad=False)
-    with torch_mla.use_backend("auto"):
+    inputs, cu = make_inputs(case(BF16, "minicpm3", True).head_dims(), dtype=BF16, seqlens=[3, 5],
+                             requires_grad=False)
+    with torch_mla.use_core("auto"):
         choice = torch_mla.explain(*(inputs[k] for k in TENSOR_ARGS), cu_seqlens=cu)
     assert choice.core != "simt" and choice.reasons["simt"] is None

@@ -2,13 +2,11 @@
 one (logits, every parameter's grad, 20 training steps, saved bytes), packed documents against
 the stock model run per document, selective AC's call count, and tensor parallelism on 2 gloo
 ranks with torchtitan's own plan. Skips when torchtitan is not installed."""
-import collections
 import copy
 
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("torchtitan", reason="torchtitan is not installed (requirements-torchtitan.txt)")
 
@@ -23,12 +21,10 @@ import torch_mla  # noqa: E402
 from torch_mla.integrations.torchtitan import (  # noqa: E402
     TorchMLAAttention, TorchMLAConverter, TorchMLASelectiveAC)
 from models import periodic_sequences  # noqa: E402
-from dist_testing import run_ranks  # noqa: E402
-from mla_testing import HeadDims  # noqa: E402
+from support import FP32, OpCounter, labelled, run_ranks  # noqa: E402
 
 VOCAB, BATCH, SEQLEN = 128, 2, 12
 Q_LORA_RANKS = [0, 24]  # wq, or wq_a → q_norm → wq_b (the q-latent op)
-TINY = HeadDims(heads=4, nope=16, rope=8, v=16, latent=32)  # model_config's defaults
 DOCS = [[(0, 5), (5, 12)], [(0, 3), (3, 4), (4, 12)]]  # (start, end) per row; a 1-token document
 
 
@@ -117,33 +113,46 @@ def test_converter_swaps_every_attention_keeping_parameters():
         {n: p.shape for n, p in stock.named_parameters()}
 
 
-@pytest.mark.parametrize("q_lora_rank", Q_LORA_RANKS)
-def test_logits_and_grads_match_stock(backend, q_lora_rank):
-    backend.inputs(TINY, batch=BATCH, seqlen=SEQLEN)  # skips a core that cannot serve float32
-    stock, ours = stock_and_ours(q_lora_rank, device=backend.device)
-    tok = tokens().to(backend.device)
-    logits = {}
-    for name, model in (("stock", stock), ("ours", ours)):
-        logits[name] = model(tok)
-        loss_fn(logits[name], tok).backward()
-    err = rel_err(logits["ours"], logits["stock"])
-    assert err <= 1e-5
-    print(f"\n{backend.core}, q_lora_rank={q_lora_rank}: logits {err:.2e}, worst parameter grad "
-          f"{assert_grads_match(ours, stock):.2e} (max relative error to stock)")
+# model_config's head dims are support's "small" ones (16 + 8, 16), in float32.
+@pytest.mark.cases(dtypes=(FP32,), dims=("small",), packed=False)
+def test_logits_and_grads_match_stock(core):
+    core.inputs(core.cases[0], heads=4, batch=BATCH, seqlen=SEQLEN)  # asserts the core serves the model's calls
+    for q_lora_rank in Q_LORA_RANKS:
+        stock, ours = stock_and_ours(q_lora_rank, device=core.device)
+        tok = tokens().to(core.device)
+        logits = {}
+        for name, model in (("stock", stock), ("ours", ours)):
+            with OpCounter() as counter:
+                logits[name] = model(tok)
+                loss_fn(logits[name], tok).backward()
+            # Ours runs the op in both layers (the stock model never), forward and backward.
+            layers = len(model.layers) if name == "ours" else 0
+            assert counter.attention_calls() == layers == counter.counts["mla_attention_backward"]
+        with labelled(f"q_lora_rank={q_lora_rank}"):
+            err = rel_err(logits["ours"], logits["stock"])
+            assert err <= 1e-5
+            print(f"\n{core.name}, q_lora_rank={q_lora_rank}: logits {err:.2e}, worst parameter grad "
+                  f"{assert_grads_match(ours, stock):.2e} (max relative error to stock)")
 
 
-@pytest.mark.parametrize("q_lora_rank", Q_LORA_RANKS)
-def test_packed_documents_match_stock_per_document(backend, q_lora_rank):
+@pytest.mark.cases(dtypes=(FP32,), dims=("small",), packed=True)
+def test_packed_documents_match_stock_per_document(core):
     """Documents delimited by positions (torchtitan's VarlenMetadata) attend only within
     themselves: the packed run equals the stock model run on each document alone."""
+    core.inputs(core.cases[0], heads=4, seqlens=[e - s for spans in DOCS for s, e in spans])
+    for q_lora_rank in Q_LORA_RANKS:
+        with labelled(f"q_lora_rank={q_lora_rank}"):
+            packed_documents_match_stock(core, q_lora_rank)
+
+
+def packed_documents_match_stock(core, q_lora_rank):
     docs = DOCS
-    backend.inputs(TINY, seqlens=[e - s for spans in docs for s, e in spans])
-    stock, ours = stock_and_ours(q_lora_rank, device=backend.device)
-    tok = tokens().to(backend.device)
-    positions = torch.zeros(BATCH, SEQLEN, dtype=torch.long, device=backend.device)
+    stock, ours = stock_and_ours(q_lora_rank, device=core.device)
+    tok = tokens().to(core.device)
+    positions = torch.zeros(BATCH, SEQLEN, dtype=torch.long, device=core.device)
     for row, spans in enumerate(docs):
         for s, e in spans:
-            positions[row, s:e] = torch.arange(e - s, device=backend.device)
+            positions[row, s:e] = torch.arange(e - s, device=core.device)
     masks = ours.get_attention_masks(positions)  # torchtitan's VarlenMetadata for the documents
     logits = ours(tok, positions=positions, attention_masks=masks)
     loss_fn(logits, tok).backward()
@@ -166,7 +175,7 @@ def test_packed_documents_match_stock_per_document(backend, q_lora_rank):
     # alone gives grads 4e-3 apart for one batch and for its rows run one by one (its grouped
     # GEMMs on the CPU), so they are compared where the grouping is the same (the tests above).
     worst = assert_grads_match(ours, stock, skip=("moe.routed_experts",))
-    print(f"\n{backend.core}, q_lora_rank={q_lora_rank}: packed documents: logits {err:.2e}, worst grad {worst:.2e}")
+    print(f"\n{core.name}, q_lora_rank={q_lora_rank}: packed documents: logits {err:.2e}, worst grad {worst:.2e}")
 
 
 @pytest.mark.parametrize("q_lora_rank", Q_LORA_RANKS)
@@ -214,20 +223,6 @@ def test_saved_bytes_per_token_of_one_layer(q_lora_rank):
           f"{per_token['ours attention'] / per_token['stock attention']:.3f})")
     assert per_token["ours attention"] < 0.5 * per_token["stock attention"]
     assert per_token["ours"] < per_token["stock"]
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the torch_mla ops that reach their kernels; an op whose output selective AC
-    replays from its cache in the backward's recompute never gets here."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "torch_mla":
-            self.counts[func._schema.name.split("::")[1]] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("q_lora_rank", Q_LORA_RANKS)

@@ -25,20 +25,15 @@ _current: contextvars.ContextVar[str] = contextvars.ContextVar("torch_mla_core",
 @functools.lru_cache(maxsize=None)
 def names() -> Tuple[str, ...]:
     """The attention cores of the loaded library, in the order of its core table (asked once)."""
-    text = torch.ops.torch_mla._choose_core("cpu", 0, torch.float32, 128, 64, 128, False, False, 0, [],
-                                            False, "auto")
-    return tuple(_parse(text).reasons)
+    return tuple(torch.ops.torch_mla._core_names())
 
 
 def _core_name(name: str, who: str, stacklevel: int) -> str:
-    """`name` as the loaded library spells it: "kernels" is a deprecated alias of "cuda", and a
-    library built before the rename lists our CUDA core as "kernels"."""
+    """`name`, with the deprecated alias "kernels" (our CUDA core before 0.2) replaced by "cuda"."""
     if name == "kernels":
         warnings.warn(f"{who}: the core name 'kernels' is deprecated, use 'cuda'", DeprecationWarning,
                       stacklevel=stacklevel + 1)
         name = "cuda"
-    if name == "cuda" and "cuda" not in names():
-        return "kernels"
     return name
 
 
