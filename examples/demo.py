@@ -138,8 +138,9 @@ def main(argv=None):
         ("loss, first step", both(lambda n: losses[n][0]), ".4f"),
         ("loss, mean of the last 10 steps", both(lambda n: statistics.fmean(losses[n][-10:])), ".4f"),
     ]
+    threads = torch.get_num_threads()
     print(f"torch_mla demo: DeepseekV3ForCausalLM, {args.layers} layers, hidden {args.hidden}, "
-          f"H={args.heads}, fp32, cpu, {torch.get_num_threads()} threads")
+          f"H={args.heads}, fp32, cpu, {threads} thread{'s' if threads > 1 else ''}")
     print(f"{args.steps} steps of {args.batch} x {args.seqlen} tokens per model, "
           f"the same initial weights and batches")
     print()

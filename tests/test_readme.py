@@ -217,6 +217,7 @@ def test_readme_demo_output_is_self_consistent():
     _, rows, quartiles = parse_demo(demo_output_in_readme())
     assert len(rows) == 5 and quartiles[0] <= quartiles[1] <= quartiles[2]
     for label, (theirs, ours, ratio) in rows.items():
+        # The demo rounds the ratio (2 decimals) from unrounded values, not from the printed ones.
         assert ratio == pytest.approx(ours / theirs, abs=0.006), label
     verdict = demo_output_in_readme().splitlines()[-1]
     for label in ("kept for backward, attention, B/token/layer", "kept for backward, whole model, B/token"):
@@ -228,9 +229,9 @@ def test_readme_demo_output_is_self_consistent():
 @pytest.mark.timeout(900)
 def test_readme_demo_output_is_what_the_demo_prints():
     """Runs `make demo`'s command (without the set-up) and compares: the same configuration and
-    rows, the same bytes kept (they depend on shapes only), losses within 1e-3 (fp32 sums in
-    another order on another thread count), and the README's tokens/s ratio inside this run's
-    spread of per-step speed-ups widened by the measured run-to-run spread."""
+    rows, the same bytes kept (they depend on shapes only), the same losses to the printed
+    digits, and the README's tokens/s ratio inside this run's spread of per-step speed-ups
+    widened by the measured run-to-run spread."""
     command = next(line for line in recipe("demo") if "examples/demo.py" in line)
     argv = [sys.executable] + shlex.split(command.replace("$(PY)", "", 1))
     fresh = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=900, cwd=ROOT).stdout
@@ -238,13 +239,14 @@ def test_readme_demo_output_is_what_the_demo_prints():
     readme_head, readme_rows, _ = parse_demo(demo_output_in_readme())
 
     def no_threads(lines):
-        return [re.sub(r"\d+ threads", "N threads", line) for line in lines]
+        return [re.sub(r"\d+ threads?", "N threads", line) for line in lines]
 
     assert no_threads(head) == no_threads(readme_head)
     assert list(rows) == list(readme_rows)
     for label in ("kept for backward, attention, B/token/layer", "kept for backward, whole model, B/token"):
         assert rows[label] == readme_rows[label], label
+    # One unit of the last printed digit: 1 and 2 threads printed the same losses (2026-12-07).
     for label in ("loss, first step", "loss, mean of the last 10 steps"):
-        assert rows[label][:2] == pytest.approx(readme_rows[label][:2], rel=1e-3), label
+        assert rows[label][:2] == pytest.approx(readme_rows[label][:2], abs=1e-4), label
     low, high = quartiles[0] * (1 - RUN_TO_RUN_SPREAD), quartiles[2] * (1 + RUN_TO_RUN_SPREAD)
     assert low <= readme_rows["tokens/s"][2] <= high, (readme_rows["tokens/s"], quartiles)
