@@ -8,7 +8,7 @@ setup:
 	VENV=$(VENV) bash scripts/setup_env.sh
 
 demo: setup
-	$(PY) -m torch_mla.demo
+	$(PY) examples/demo.py
 
 # The library is built once, with its Catch2 tests; C++ (ctest, the out-of-tree example) first,
 # so that pytest's summary line closes the output.
