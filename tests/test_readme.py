@@ -87,10 +87,11 @@ MAKE_TARGETS = set(re.findall(r"^([\w.-]+):", MAKEFILE, re.M))
 
 
 def recipe(target):
-    """The command lines of a Makefile target."""
-    match = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)*)", MAKEFILE, re.M)
-    assert match, f"Makefile has no target {target}"
-    return [line.strip() for line in match.group(1).splitlines()]
+    """The command lines of a Makefile target (over all its rules: a target-specific variable is a
+    rule of its own, without commands)."""
+    matches = list(re.finditer(rf"^{re.escape(target)}:.*\n((?:\t.*\n)*)", MAKEFILE, re.M))
+    assert matches, f"Makefile has no target {target}"
+    return [line.strip() for match in matches for line in match.group(1).splitlines()]
 
 
 @lru_cache(maxsize=None)
