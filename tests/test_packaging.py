@@ -70,7 +70,7 @@ def site(tmp_path_factory):
     run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
          "--no-build-isolation", "--no-deps", "-w", wheelhouse,
          "-C", f"build-dir={WHEEL_BUILD_DIR}", ROOT],
-        env=clean_env(TORCH_MLA_CUDA="0", CMAKE_BUILD_PARALLEL_LEVEL=jobs), cwd=tmp)
+        env=clean_env(TORCH_MLA_CUDA="0", TORCH_MLA_BUILD_TESTS="OFF", CMAKE_BUILD_PARALLEL_LEVEL=jobs), cwd=tmp)
     (wheel,) = wheelhouse.glob("torch_mla-*.whl")
     site = tmp / "site"
     run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
@@ -94,6 +94,13 @@ def test_wheel_layout_and_runpath(site):
     for path in ("lib/libtorch_mla.so", "include/torch_mla/torch_mla.h",
                  "lib/cmake/TorchMLA/TorchMLAConfig.cmake", "cmake.py", "integrations/torchtitan.py"):
         assert (package / path).is_file(), path
+    # The public headers only: the layer stages, the cores and the kernels are internal.
+    include = package / "include" / "torch_mla"
+    assert sorted(p.name for p in include.iterdir()) == ["api", "ops", "torch_mla.h"]
+    # LibTorch has no stable ABI: the wheel requires the torch release it was built against.
+    (metadata,) = site.glob("torch_mla-*.dist-info/METADATA")
+    requires = [line for line in metadata.read_text().splitlines() if line.startswith("Requires-Dist: torch")]
+    assert requires == [f"Requires-Dist: torch=={torch.__version__.split('+')[0]}"], requires
     if READELF is None:
         pytest.skip("no readelf")
     section = dynamic_section(package / "lib" / "libtorch_mla.so")
