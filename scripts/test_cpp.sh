@@ -3,11 +3,12 @@
 # scripts/setup_env.sh with TORCH_MLA_BUILD_TESTS=ON; nothing of libtorch_mla is compiled here):
 #   1. ctest in that build: the Catch2 tests of the C++ API (tests/cpp) and of the SIMT emulator
 #      with our CUDA kernels on it (csrc/simt/tests);
-#   2. installs that build (lib/, include/, lib/cmake/TorchMLA) into build/cpp/install;
-#   3. builds examples/cpp as a separate project against the installed package and runs a short
-#      training that must bring the loss down (train_mla exits non-zero otherwise);
-#   4. builds tests/cpp/consumer against the Python package's copy of the package
-#      (torch_mla.cmake_prefix_path): a consumer that uses the ops by name only must still load them.
+#   2. builds examples/cpp as a separate project against the installed package
+#      (torch_mla.cmake_prefix_path) and runs a short training that must bring the loss down
+#      (train_mla exits non-zero otherwise);
+#   3. builds tests/cpp/consumer against the same package: a consumer that uses the ops by name
+#      only must still load them.
+# (A `cmake --install` into another prefix is tested by tests/test_packaging.py's wheel.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -32,16 +33,16 @@ command -v ninja >/dev/null && common+=(-G Ninja)
 echo "== C++: Catch2 tests of the library build ($LIB_BUILD)"
 (cd "$LIB_BUILD" && ctest --output-on-failure -j "$JOBS")
 
-echo "== C++: install, and examples/cpp/train_mla built against the installed package"
-INSTALL=$(pwd)/$BUILD/install
-cmake --install "$LIB_BUILD" --prefix "$INSTALL" >/dev/null
+# The library as pip installed it (torch_mla.cmake_prefix_path: lib/, include/, lib/cmake/TorchMLA in
+# site-packages, whose RUNPATH finds torch's libraries beside it), as a user's C++ build finds it.
+PACKAGE_PREFIX=$("$PY" -c 'import torch_mla; print(torch_mla.cmake_prefix_path)')
+echo "== C++: examples/cpp/train_mla built against the installed package"
 cmake -S examples/cpp -B "$BUILD/example" "${common[@]}" \
-  -DCMAKE_PREFIX_PATH="$INSTALL;$TORCH_PREFIX" >/dev/null
+  -DCMAKE_PREFIX_PATH="$PACKAGE_PREFIX;$TORCH_PREFIX" >/dev/null
 cmake --build "$BUILD/example" -j "$JOBS"
 "$BUILD/example/train_mla" --steps "$STEPS"
 
-echo "== C++: a dispatcher-only consumer of the Python package's TorchMLA"
-PACKAGE_PREFIX=$("$PY" -c 'import torch_mla; print(torch_mla.cmake_prefix_path)')
+echo "== C++: a dispatcher-only consumer of the same package"
 cmake -S tests/cpp/consumer -B "$BUILD/consumer" "${common[@]}" \
   -DCMAKE_PREFIX_PATH="$PACKAGE_PREFIX;$TORCH_PREFIX" >/dev/null
 cmake --build "$BUILD/consumer" -j "$JOBS"
