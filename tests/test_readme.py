@@ -192,9 +192,10 @@ def test_images_exist():
 # The demo's printed table: a label, HF's value, torch_mla's value and their ratio.
 ROW = re.compile(r"^(\S.*?)\s{2,}([\d,.]+)\s+([\d,.]+)\s+([\d.]+)x$", re.M)
 QUARTILES = re.compile(r"quartiles ([\d.]+), ([\d.]+), ([\d.]+)$", re.M)
-# Over the runs measured on this project's 2-core machine (docs/benchmarks.md, "The demo": 2.30 to
-# 2.34, median 2.33, i.e. 1.7%), the tokens/s ratio moved by this fraction of its median.
-RUN_TO_RUN_SPREAD = 0.02
+# Over three quiet runs on this project's 2-core machine (docs/benchmarks.md, "The demo": 1.40 to
+# 1.57, median 1.43, i.e. 12%), the tokens/s ratio moved by this fraction of its median. (Three
+# runs on a machine loaded by other builds gave 2.30 to 2.34: a loaded machine fails this check.)
+RUN_TO_RUN_SPREAD = 0.12
 
 
 def demo_output_in_readme():
