@@ -353,3 +353,28 @@ def test_head_groups_bound_the_backward_transient():
     tokens, dims = x.shape[1], sizes["qk_nope_head_dim"] + sizes["qk_rope_head_dim"] + 2 * sizes["v_head_dim"]
     per_head = tokens * dims * x.element_size()  # q, out and grad_out of one head
     assert peaks[1] - peaks[8] >= 7 * per_head, f"peaks {peaks}, 7 heads' q/out/grad_out {7 * per_head}"
+
+
+# Errors that the attention inside the block raises (data-dependent checks of cu_seqlens, the
+# core) name the op the user called: the block.
+INNER_ERRORS = {
+    "cu_seqlens end": (dict(cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32)), "cu_seqlens must end at T = 9"),
+    "max_seqlen": (dict(cu_seqlens=cu_seqlens_of([4, 5]), max_seqlen=2), r"max_seqlen \(2\) is smaller"),
+}
+
+
+@pytest.mark.parametrize("case", list(INNER_ERRORS))
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+def test_errors_of_the_inner_attention_name_the_block(case, requires_grad):
+    kwargs, message = INNER_ERRORS[case]
+    inputs = {k: v.requires_grad_(requires_grad) if torch.is_tensor(v) else v
+              for k, v in block_inputs((9,)).items()}
+    with pytest.raises(ValueError, match=f"^torch_mla.mla_attention_block: {message}"):
+        mla_attention_block(**inputs, num_heads=TINY["heads"], **kwargs)
+
+
+def test_a_core_that_cannot_serve_the_block_is_named_by_the_block():
+    inputs = {k: v.requires_grad_() if torch.is_tensor(v) else v for k, v in block_inputs((2, 5)).items()}
+    with torch_mla.use_core("simt"):  # float64: the emulated kernels take bf16/fp16 only
+        with pytest.raises(ValueError, match='^torch_mla.mla_attention_block: core "simt" cannot serve'):
+            mla_attention_block(**inputs, num_heads=TINY["heads"])

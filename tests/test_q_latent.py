@@ -161,3 +161,15 @@ def test_double_backward_is_refused():
     (grad_q_latent,) = torch.autograd.grad(out.sum(), inputs["q_latent"], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         grad_q_latent.sum().backward()
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+def test_errors_of_the_inner_attention_name_the_q_latent_op(requires_grad):
+    """The attention's own checks (here data-dependent ones of cu_seqlens) name the op called."""
+    inputs = {k: v.requires_grad_(requires_grad) for k, v in q_latent_inputs((9,)).items()}
+    with pytest.raises(ValueError, match="^torch_mla.mla_attention_q_latent: cu_seqlens must end at T = 9"):
+        torch_mla.mla_attention_q_latent(**inputs, num_heads=Q_SMALL.heads,
+                                         cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32))
+    with pytest.raises(ValueError, match="^torch_mla.mla_attention_q_latent: wkv_b must have shape .* \\(kv_latent's last dimension\\)"):
+        torch_mla.mla_attention_q_latent(**dict(inputs, kv_latent=inputs["kv_latent"][:, :-1]),
+                                         num_heads=Q_SMALL.heads, cu_seqlens=cu_seqlens_of([4, 5]))

@@ -6,6 +6,7 @@
 
 #include <tuple>
 
+#include "torch_mla/layer/checks.h"
 #include "torch_mla/layer/q_expand.h"
 #include "torch_mla/layer/rms_norm.h"
 #include "torch_mla/ops/mla_attention.h"
@@ -162,8 +163,10 @@ BlockForward block_forward(const BlockArgs& a) {
   // y = Σ over head groups of out_g · wo_gᵀ: one group's q and out at a time (docs/design.md
   // §13.6), the sum accumulated in y by GEMMs with beta = 1.
   for (const HeadChunk& chunk : head_chunks_of(a, block_dims(a))) {
-    const at::Tensor out = std::get<0>(mla_attention(chunk_q(a, l.c_q, chunk).q, l.kv_latent, l.k_rope, chunk.wkv_b,
-                                                     a.softmax_scale, a.causal, a.cu_seqlens, a.max_seqlen, a.core));
+    const at::Tensor out = naming_errors_as(kOp, [&] {
+      return std::get<0>(mla_attention(chunk_q(a, l.c_q, chunk).q, l.kv_latent, l.k_rope, chunk.wkv_b,
+                                       a.softmax_scale, a.causal, a.cu_seqlens, a.max_seqlen, a.core));
+    });
     const at::Tensor out_rows = out.flatten(-2);
     if (!f.y.defined()) {
       f.y = at::linear(out_rows, chunk.wo, a.bo);
@@ -196,17 +199,21 @@ std::array<at::Tensor, kNumBlockTensors> block_backward(const BlockArgs& a, cons
   for (const HeadChunk& chunk : head_chunks_of(a, d)) {
     ChunkQ q = chunk_q(a, l.c_q, chunk);
     if (!need_rope) q.projected = at::Tensor();
-    auto [out, lse, ignored] = mla_attention(q.q, l.kv_latent, l.k_rope, chunk.wkv_b, softmax_scale, causal,
-                                             cu_seqlens, max_seqlen, core);
+    auto [out, lse, ignored] = naming_errors_as(kOp, [&] {
+      return mla_attention(q.q, l.kv_latent, l.k_rope, chunk.wkv_b, softmax_scale, causal, cu_seqlens, max_seqlen,
+                           core);
+    });
     // o_proj over the group's heads: y = out·woᵀ + bo, so dwo = dyᵀ·out and dout = dy·wo.
     if (need(kWo)) {
       place(grads[kWo], at::mm(grad_y_rows.t(), out.flatten(-2).reshape_symint({-1, chunk.wo.sym_size(1)})), wo, 1,
             d.v * chunk.first);
     }
     at::Tensor grad_out = at::matmul(grad_y, chunk.wo).view_symint(out.sym_sizes());
-    auto [grad_q, grad_latent, grad_rope, grad_w] = mla_attention_backward(
-        grad_out, q.q, l.kv_latent, l.k_rope, chunk.wkv_b, out, lse, softmax_scale, causal, cu_seqlens, max_seqlen,
-        core);
+    auto [grad_q, grad_latent, grad_rope, grad_w] = naming_errors_as(kOp, [&] {
+      return mla_attention_backward(
+          grad_out, q.q, l.kv_latent, l.k_rope, chunk.wkv_b, out, lse, softmax_scale, causal, cu_seqlens, max_seqlen,
+          core);
+    });
     out = lse = grad_out = q.q = at::Tensor();
     place(grads[kWkvB], std::move(grad_w), wkv_b, 0, (d.nope + d.v) * chunk.first);
     accumulate(grad_kv_latent, std::move(grad_latent));

@@ -191,4 +191,12 @@ int64_t check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t tokens, in
   return longest;
 }
 
+std::string renamed_message(const std::string& message, const char* op) {
+  for (const char* inner : {"torch_mla.mla_attention_backward: ", "torch_mla.mla_attention: "}) {
+    const std::string prefix(inner);
+    if (message.rfind(prefix, 0) == 0) return op + message.substr(prefix.size());
+  }
+  return message;
+}
+
 }  // namespace torch_mla

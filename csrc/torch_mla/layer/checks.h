@@ -4,8 +4,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymInt.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
 
 namespace torch_mla {
 
@@ -45,6 +47,23 @@ MlaDims check_mla_backward_inputs(
 // ends at `tokens`, and no sequence longer than max_seqlen when max_seqlen > 0.
 // Returns the longest sequence length.
 int64_t check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t tokens, int64_t max_seqlen);
+
+// `message` of an error that mla_attention or its backward raised ("torch_mla.mla_attention: …"),
+// naming `op` ("torch_mla.mla_attention_block: ") instead: the op the user called.
+std::string renamed_message(const std::string& message, const char* op);
+
+// f(), a call of mla_attention (or its backward) made by the op named `op`: an error it raises is
+// raised again, of the same kind (ValueError stays ValueError), naming `op`.
+template <typename F>
+decltype(auto) naming_errors_as(const char* op, F&& f) {
+  try {
+    return f();
+  } catch (const c10::ValueError& e) {
+    throw c10::ValueError({__func__, __FILE__, __LINE__}, renamed_message(e.msg(), op));
+  } catch (const c10::Error& e) {
+    throw c10::Error({__func__, __FILE__, __LINE__}, renamed_message(e.msg(), op));
+  }
+}
 
 // Kernels compute in their inputs' dtype (accumulating in float32/float64 tiles they make
 // themselves): the ATen calls inside them must not be re-cast by an enclosing torch.autocast,

@@ -6,6 +6,7 @@
 
 #include "torch_mla/cores/table.h"
 #include "torch_mla/layer/block.h"
+#include "torch_mla/layer/checks.h"
 #include "torch_mla/ops/mla_attention_block.h"
 
 namespace torch_mla {
@@ -48,8 +49,10 @@ class MlaAttentionBlockFunction : public torch::autograd::Function<MlaAttentionB
     check_block_inputs(args);
     // The core is picked once (docs/design.md §10.1), from the dims q will have.
     const BlockDims d = block_dims(args);
-    const std::string resolved = resolve_core_name(q_a, d.nope, d.rope, d.v, args.cu_seqlens.has_value() &&
-                                                    args.cu_seqlens->defined(), args.core);
+    const std::string resolved = naming_errors_as("torch_mla.mla_attention_block: ", [&] {
+      return resolve_core_name(q_a, d.nope, d.rope, d.v, args.cu_seqlens.has_value() && args.cu_seqlens->defined(),
+                               args.core);
+    });
     auto [y, q_rstd, kv_rstd] = mla_attention_block_with_rstd(
         q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads, softmax_scale,
         q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens, max_seqlen, resolved, head_chunks);

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "torch_mla/cores/table.h"
+#include "torch_mla/layer/checks.h"
 #include "torch_mla/ops/mla_attention.h"
 #include "torch_mla/ops/mla_attention_q_latent.h"
 #include "torch_mla/layer/q_expand.h"
@@ -14,6 +15,8 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+constexpr const char* kOp = "torch_mla.mla_attention_q_latent: ";
 
 class MlaAttentionQLatentFunction : public torch::autograd::Function<MlaAttentionQLatentFunction> {
  public:
@@ -38,9 +41,10 @@ class MlaAttentionQLatentFunction : public torch::autograd::Function<MlaAttentio
     check_q_latent_inputs(q_latent, wq_b, cos, sin, k_rope, num_heads, cu_seqlens);
     // The core is picked once, from the dims q will have: Dn+Dr = wq_b rows per head.
     const c10::SymInt dim_rope = k_rope.sym_size(-1), dim_nope = wq_b.sym_size(0) / num_heads - dim_rope;
-    const std::string resolved = resolve_core_name(q_latent, dim_nope, dim_rope,
-                                               wkv_b.sym_size(0) / num_heads - dim_nope,
-                                               cu_seqlens.has_value() && cu_seqlens->defined(), std::string(core));
+    const std::string resolved = naming_errors_as(kOp, [&] {
+      return resolve_core_name(q_latent, dim_nope, dim_rope, wkv_b.sym_size(0) / num_heads - dim_nope,
+                               cu_seqlens.has_value() && cu_seqlens->defined(), std::string(core));
+    });
     auto [out, lse, max_logits] = mla_attention_q_latent(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b,
                                                          num_heads, softmax_scale, causal, rope_interleave,
                                                          cu_seqlens, max_seqlen, resolved, return_max_logits);
@@ -71,11 +75,13 @@ class MlaAttentionQLatentFunction : public torch::autograd::Function<MlaAttentio
     if (!need_rope) q_projected = at::Tensor();
 
     at::Tensor grad_out = grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(out);
-    auto [grad_q, grad_kv_latent, grad_k_rope, grad_wkv_b] = mla_attention_backward(
-        grad_out, q, saved[4], saved[5], saved[6], out, lse,
-        ctx->saved_data["softmax_scale"].toDouble(), ctx->saved_data["causal"].toBool(),
-        ctx->saved_data["cu_seqlens"].toOptional<at::Tensor>(),
-        ctx->saved_data["max_seqlen"].toSymInt(), ctx->saved_data["core"].toStringRef());
+    auto [grad_q, grad_kv_latent, grad_k_rope, grad_wkv_b] = naming_errors_as(kOp, [&] {
+      return mla_attention_backward(
+          grad_out, q, saved[4], saved[5], saved[6], out, lse,
+          ctx->saved_data["softmax_scale"].toDouble(), ctx->saved_data["causal"].toBool(),
+          ctx->saved_data["cu_seqlens"].toOptional<at::Tensor>(),
+          ctx->saved_data["max_seqlen"].toSymInt(), ctx->saved_data["core"].toStringRef());
+    });
     q = at::Tensor();  // the recomputed q is not needed past the attention backward
 
     ExpandQGrads g = expand_q_backward(grad_q, q_projected, q_latent, wq_b, cos, sin,

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "torch_mla/layer/checks.h"
 #include "torch_mla/layer/q_expand.h"
 #include "torch_mla/ops/mla_attention.h"
 
@@ -28,8 +29,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_q_latent_composite(
     bool return_max_logits) {
   check_q_latent_inputs(q_latent, wq_b, cos, sin, k_rope, num_heads, cu_seqlens);
   const at::Tensor q = rotate_q(project_q(q_latent, wq_b, num_heads), cos, sin, rope_interleave);
-  return mla_attention(q, kv_latent, k_rope, wkv_b, softmax_scale, causal, cu_seqlens,
-                       std::move(max_seqlen), core, return_max_logits);
+  return naming_errors_as("torch_mla.mla_attention_q_latent: ", [&] {
+    return mla_attention(q, kv_latent, k_rope, wkv_b, softmax_scale, causal, cu_seqlens, std::move(max_seqlen), core,
+                         return_max_logits);
+  });
 }
 
 }  // namespace
