@@ -7,6 +7,7 @@
 #include "torch_mla/cores/table.h"
 #include "torch_mla/layer/block.h"
 #include "torch_mla/layer/checks.h"
+#include "torch_mla/ops/adapters.h"
 #include "torch_mla/ops/mla_attention_block.h"
 
 namespace torch_mla {
@@ -109,36 +110,10 @@ class MlaAttentionBlockFunction : public torch::autograd::Function<MlaAttentionB
   }
 };
 
-at::Tensor mla_attention_block_autograd(
-    const at::Tensor& q_a,
-    const std::optional<at::Tensor>& q_norm_weight,
-    const at::Tensor& wq_b,
-    const at::Tensor& kv_a,
-    const at::Tensor& kv_norm_weight,
-    const at::Tensor& wkv_b,
-    const at::Tensor& wo,
-    const std::optional<at::Tensor>& bo,
-    const at::Tensor& cos,
-    const at::Tensor& sin,
-    int64_t num_heads,
-    double softmax_scale,
-    double q_norm_eps,
-    double kv_norm_eps,
-    bool causal,
-    bool rope_interleave,
-    const std::optional<at::Tensor>& cu_seqlens,
-    c10::SymInt max_seqlen,
-    c10::string_view core,
-    int64_t head_chunks) {
-  return MlaAttentionBlockFunction::apply(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin,
-                                          num_heads, softmax_scale, q_norm_eps, kv_norm_eps, causal,
-                                          rope_interleave, cu_seqlens, std::move(max_seqlen), core, head_chunks);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_mla, Autograd, m) {
-  m.impl("mla_attention_block", TORCH_FN(mla_attention_block_autograd));
+  m.impl("mla_attention_block", TORCH_FN((ApplyOf<decltype(mla_attention_block), MlaAttentionBlockFunction>::call)));
 }
 
 }  // namespace torch_mla
