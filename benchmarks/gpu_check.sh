@@ -106,7 +106,7 @@ import xml.etree.ElementTree as ET
 totals = collections.defaultdict(collections.Counter)
 for path in sys.argv[1:]:
     for case in ET.parse(path).getroot().iter("testcase"):
-        m = re.search(r"(cudnn|kernels|efficient|composed|cpu|simt)", case.get("name", ""))
+        m = re.search(r"\b(?:cpu|cuda)-(cudnn|cuda|efficient|composed|cpu|simt)\b", case.get("name", ""))
         core = m.group(1) if m else "(no core)"
         kind = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
         totals[core][kind] += 1
