@@ -144,16 +144,14 @@ std::vector<std::string> core_names() {
   return names;
 }
 
-Reason unsupported_reason(const std::string& core, const CoreQuery& query) {
-  for (const CoreEntry& entry : core_table()) {
-    if (core != entry.name) continue;
-    if (entry.device && *entry.device != query.device) {
-      return "runs on " + device_name(*entry.device) + " tensors only";
-    }
-    return entry.declines(query);
-  }
-  return "unknown core '" + core + "'";
+namespace {
+
+Reason entry_reason(const CoreEntry& entry, const CoreQuery& query) {
+  if (entry.device && *entry.device != query.device) return "runs on " + device_name(*entry.device) + " tensors only";
+  return entry.declines(query);
 }
+
+}  // namespace
 
 std::vector<int> compiled_kernel_archs() {
   std::vector<int> archs;
@@ -167,7 +165,7 @@ std::vector<int> compiled_kernel_archs() {
 
 CoreChoice choose_core(const CoreQuery& query, const std::string& core) {
   CoreChoice choice;
-  for (const CoreEntry& entry : core_table()) choice.why.emplace_back(entry.name, unsupported_reason(entry.name, query));
+  for (const CoreEntry& entry : core_table()) choice.why.emplace_back(entry.name, entry_reason(entry, query));
   if (core == "auto") {
     for (size_t i = 0; i < core_table().size(); ++i) {
       if (core_table()[i].in_auto && !choice.why[i].second) {

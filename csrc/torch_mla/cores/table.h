@@ -44,9 +44,6 @@ const std::vector<CoreEntry>& core_table();
 // The names of core_table(), in its order.
 std::vector<std::string> core_names();
 
-// Why `core` cannot serve `query`, or nullopt when it can (the device check included).
-Reason unsupported_reason(const std::string& core, const CoreQuery& query);
-
 struct CoreChoice {
   std::string core;                                  // the core that runs
   std::vector<std::pair<std::string, Reason>> why;   // every core of the table: nullopt = can serve
