@@ -38,4 +38,4 @@ from .integrations.hf import patch_model  # noqa: E402
 __all__ = ["mla_attention", "mla_attention_q_latent", "mla_attention_block", "rms_norm", "use_core", "explain",
            "reference", "SavedTensors", "cmake_prefix_path", "MultiHeadLatentAttention", "patch_model",
            "use_backend"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
