@@ -171,7 +171,7 @@ stage_synccheck() { sanitize synccheck; }
 stage_bench() {
   # shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments
   "$PYTHON" benchmarks/bench_gpu.py --check --csv "$OUT/bench.csv" \
-    ${BENCH_ARGS:---seqlens 1024 2048 4096 8192 --tokens 16384 --warmup 2 --reps 5}
+    ${BENCH_ARGS:---seqlens 1024 2048 4096 8192 --tokens 16384 --warmup 1 --reps 5}
 }
 
 stage_tests() {
