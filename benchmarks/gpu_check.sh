@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317 # the stage_* functions run through `timeout bash -c`
 # The GPU check in one call (issue 25): maximal evidence from one command of at most DEADLINE
 # seconds (default 540, so a 590 s limit on the command leaves room for a rerun) on a lent
 # H100/H200 (torch 2.11 + CUDA 13.0). Stages in order of evidence per second:
@@ -34,13 +35,13 @@
 # Exit status: 0 when every stage passed (in a dry run: none failed, timed out or ran out of time),
 # 1 otherwise, 2 on a bad argument.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 
 DRY_RUN=0
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '3,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (expected --dry-run or --help)" >&2; exit 2 ;;
   esac
 done
@@ -139,7 +140,7 @@ stage_build() {
   local rc=$?
   grep -v -E "^ptxas info|bytes stack frame" "$WORK/build.log" | tail -40
   echo "summary: build rc=$rc in $(( SECONDS - t0 ))s (sm_90, SIMT off)"
-  [ $rc -eq 0 ] || return $rc
+  [ "$rc" -eq 0 ] || return "$rc"
   cmake --install "$BUILD_DIR" --prefix python/torch_mla >/dev/null || return 1
   resources "$WORK/build.log" >"$OUT/resources.txt"
   cat "$OUT/resources.txt"
@@ -187,8 +188,11 @@ stage_tests() {
   # still writes its junit file (a killed stage would lose it). 10 s are kept for the merge.
   local budget=$(( STAGE_LIMIT - 10 )) rc=0
   run_pytest() {  # run_pytest SECONDS JUNIT ARGS...
-    local t=$1 xml=$2; shift 2
-    timeout -s INT -k 10 "$t" "$PYTHON" -m pytest "${common[@]}" --junitxml="$xml" "$@" || rc=1
+    local t=$1 xml=$2 code; shift 2
+    timeout -s INT -k 10 "$t" "$PYTHON" -m pytest "${common[@]}" --junitxml="$xml" "$@"
+    code=$?
+    [ "$code" -eq 0 ] || rc=1
+    [ "$code" -eq 124 ] && echo "summary: pytest ${*: -1} stopped at its share of the stage (${t}s)"
   }
   # Our kernels first (the core id cuda-cuda), then the other CUDA cores and CUDA-only tests.
   run_pytest $(( budget * 45 / 100 )) "$WORK/tests_1.xml" tests/test_cuda.py "${shared[@]}" -k "cuda-cuda"
@@ -196,7 +200,7 @@ stage_tests() {
   run_pytest $(( STAGE_LIMIT - 10 - SECONDS )) "$WORK/tests_3.xml" "${shared[@]}" \
     -k "cuda- and not cuda-cuda"
   "$PYTHON" benchmarks/gpu_check_tools.py junit "$OUT/tests.xml" "$WORK"/tests_[123].xml
-  return $rc
+  return "$rc"
 }
 export -f stage_env stage_build stage_smoke sanitize stage_memcheck stage_racecheck stage_synccheck \
   stage_bench stage_tests prebuilt_ok resources
@@ -278,6 +282,7 @@ echo "=== gpu_check: OUT=$OUT, DEADLINE=${DEADLINE}s$([ "$DRY_RUN" = 1 ] && echo
 for name in "${ALL_STAGES[@]}"; do
   run_stage "$name"
 done
-echo "=== gpu_check summary ($(elapsed)s of ${DEADLINE}s; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' '))"
+FILES=("$OUT"/*)
+echo "=== gpu_check summary ($(elapsed)s of ${DEADLINE}s; files in $OUT: ${FILES[*]##*/})"
 cat "$SUMMARY"
 exit $FAILED
