@@ -208,7 +208,7 @@ export LIB DEADLINE
 
 # ---- why a stage does not run (empty: it runs) ---------------------------------------------------
 
-BUILD_STATE=""  # "", ok, failed, skipped
+BUILD_STATE=""  # "", ok, skipped, or the build's verdict when it did not pass
 skip_reason() {
   local name=$1 gpu
   gpu=$(cat "$WORK/have_gpu" 2>/dev/null || echo 0)
@@ -220,7 +220,7 @@ skip_reason() {
       fi
       return ;;
   esac
-  if [ "$BUILD_STATE" = failed ]; then echo "build failed"; return; fi
+  case $BUILD_STATE in ""|ok|skipped) ;; *) echo "the build did not pass: $BUILD_STATE"; return ;; esac
   if [ "$gpu" != 1 ]; then echo "no CUDA device"; return; fi
   if [ "$DRY_RUN" = 1 ]; then echo "dry run"; return; fi
   if [ "$BUILD_STATE" != ok ] && ! prebuilt_ok; then echo "no library with sm_90 kernels"; return; fi
@@ -274,7 +274,7 @@ run_stage() {
   local text="PASS"
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then text="TIMEOUT"; elif [ "$rc" -ne 0 ]; then text="FAIL (rc=$rc)"; fi
   [ "$text" = PASS ] || FAILED=1
-  [ "$name" = build ] && BUILD_STATE=$([ "$text" = PASS ] && echo ok || echo failed)
+  [ "$name" = build ] && BUILD_STATE=$([ "$text" = PASS ] && echo ok || echo "$text")
   verdict "$name" "$text in $(( SECONDS - t0 ))s (limit ${limit}s)" "$WORK/$name.out"
 }
 

@@ -55,6 +55,25 @@ def test_a_tiny_deadline_skips_the_later_stages_out_of_time(tmp_path):
         assert limit < needs, (name, text)
 
 
+def test_stages_after_a_failed_build_skip_with_that_reason(tmp_path):
+    """A real run (not dry) whose build cannot even configure (a build folder that cannot exist):
+    the build fails, every later stage says why it did not run, and the command fails. An nvcc
+    stand-in on PATH makes the build start where no CUDA toolkit is installed."""
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    (bin_dir / "nvcc").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "nvcc").chmod(0o755)
+    result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OUT": str(out), "PYTHON": sys.executable,
+                                 "BUILD_DIR": "/dev/null/build", "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert result.returncode == 1, result.stdout
+    stages = verdicts(out)
+    assert [name for name, _ in stages] == STAGES
+    assert stages[1][1].startswith("FAIL"), stages[1]
+    for name, text in stages[2:]:
+        assert text.startswith("SKIPPED (the build did not pass: FAIL"), (name, text)
+
+
 def test_a_stage_not_selected_says_so(tmp_path):
     result = dry_run(tmp_path, STAGES="env bench")
     assert result.returncode == 0, result.stdout + result.stderr
