@@ -127,7 +127,7 @@ stage_build() {
     return 0
   fi
   local root
-  root=$("$PYTHON" python/torch_mla/cmake.py --cuda-root --dir build/cuda-root)
+  root=$("$PYTHON" python/torch_mla/cmake.py --cuda-root --dir "$BUILD_DIR/cuda-root")
   cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTORCH_MLA_CUDA=ON \
     -DTORCH_MLA_CUDA_ARCHS=90 -DTORCH_MLA_SIMT=OFF -DTORCH_MLA_BUILD_TESTS=OFF \
     -DCMAKE_CUDA_FLAGS="-Xptxas -v" \

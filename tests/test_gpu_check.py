@@ -118,3 +118,24 @@ def test_ptxas_parser_fails_on_a_log_without_kernels(tmp_path, empty):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check_tools.py"), "ptxas", str(log)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "0 kernels" in result.stdout
+
+
+def test_smoke_table_on_the_cpu_core(tmp_path):
+    """benchmarks/gpu_smoke.py's table on the CPU (its --device cpu self-check): one line per case
+    of the cpu core, both shapes, padded and packed, causal and not, each within docs/design.md
+    §8's rule (error / tolerance ≤ 1), the same lines in --out, and a summary that counts them."""
+    table = tmp_path / "smoke.txt"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py"), "--device", "cpu",
+                             "--cores", "cpu", "--out", str(table)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("cpu ")]
+    assert len(lines) == 2 * 2 * 2  # shapes x layouts x causal
+    for shape in ("(192,128)", "(96,64)"):
+        for layout in ("padded", "packed"):
+            for causal in (0, 1):
+                assert sum(f"{shape} {layout} causal={causal}" in line for line in lines) == 1
+    for line in lines:
+        ratio = float(re.search(r"= (\S+)\s+PASS$", line).group(1))
+        assert ratio <= 1, line
+    assert table.read_text().splitlines() == result.stdout.splitlines()
+    assert f"smoke {len(lines)} pass, 0 fail, 0 declined" in result.stdout.splitlines()[-1]
