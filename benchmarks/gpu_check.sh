@@ -123,7 +123,8 @@ resources() {  # resources BUILD_LOG: the per-kernel table from ptxas -v, else f
 stage_build() {
   if prebuilt_ok; then
     echo "summary: prebuilt $LIB used (imports, has sm_90)"
-    resources /dev/null | tee "$OUT/resources.txt"
+    resources /dev/null >"$OUT/resources.txt"
+    sed 's/^\(summary: \)\{0,1\}/summary: /' "$OUT/resources.txt"
     return 0
   fi
   local root
@@ -143,7 +144,11 @@ stage_build() {
   [ "$rc" -eq 0 ] || return "$rc"
   cmake --install "$BUILD_DIR" --prefix python/torch_mla >/dev/null || return 1
   resources "$WORK/build.log" >"$OUT/resources.txt"
-  cat "$OUT/resources.txt"
+  sed 's/^\(summary: \)\{0,1\}/summary: /' "$OUT/resources.txt"  # the table goes into the summary
+  if [ -f scripts/kernel_resources.py ]; then  # the checked-in resource gate, on this build's report
+    "$PYTHON" scripts/kernel_resources.py --check --from-log "$WORK/build.log" | tail -5
+    echo "summary: resource gate (scripts/kernel_resources.py --check) rc=${PIPESTATUS[0]}"
+  fi
   "$PYTHON" -c 'import torch, torch_mla; print("summary: CUDA kernels for", torch_mla.cores.compiled_kernel_archs())'
 }
 

@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 ENTRY = re.compile(r"ptxas info\s*: Compiling entry function '([^']+)' for '(sm_\w+)'")
 FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 REGS = re.compile(r"ptxas info\s*: Used (\d+) registers")
+PROPERTIES = re.compile(r"Function properties for (\S+)")
 
 
 def demangle(names):
@@ -29,13 +30,16 @@ def demangle(names):
 
 def ptxas(path):
     """(name, arch, registers, spill stores, spill loads, stack) per entry function of the log,
-    in the order ptxas compiled them (ptxas prints the entry, then its frame, then registers)."""
-    rows, current = [], None
+    in the order ptxas compiled them (ptxas prints the entry, its properties and frame, then its
+    registers; the properties of a non-inlined device function name that function, skipped)."""
+    rows, current, props_of = [], None, None
     with open(path, errors="replace") as f:
         for line in f:
             if m := ENTRY.search(line):
                 current = {"name": m.group(1), "arch": m.group(2)}
-            elif current is not None and (m := FRAME.search(line)):
+            elif m := PROPERTIES.search(line):
+                props_of = m.group(1)
+            elif current is not None and props_of == current["name"] and (m := FRAME.search(line)):
                 current.update(stack=int(m.group(1)), stores=int(m.group(2)), loads=int(m.group(3)))
             elif current is not None and (m := REGS.search(line)):
                 current["registers"] = int(m.group(1))

@@ -89,7 +89,8 @@ def test_bad_arguments_exit_2(tmp_path):
 
 def test_ptxas_report_parsed_per_kernel(tmp_path):
     """The build stage's fallback parser reads each entry function's numbers from nvcc -Xptxas -v
-    output, in the format ptxas prints (entry, frame, registers), interleaved with other lines."""
+    output, in the order ptxas 13.0 prints them (entry, its frame, registers, then the frames of
+    the device functions it calls), interleaved with other lines."""
     kernels = [("_Z18mla_forward_kernelILi64EEvPf", 168, 0, 0, 0),
                ("_Z19mla_backward_kernelILi4EEvPf", 255, 40, 48, 56)]
     lines = ["ptxas info    : 0 bytes gmem", "[3/9] Building CUDA object x.cu.o"]
@@ -97,7 +98,10 @@ def test_ptxas_report_parsed_per_kernel(tmp_path):
         lines += [f"ptxas info    : Compiling entry function '{name}' for 'sm_90'",
                   f"ptxas info    : Function properties for {name}",
                   f"    {stack} bytes stack frame, {stores} bytes spill stores, {loads} bytes spill loads",
-                  f"ptxas info    : Used {regs} registers, used 1 barriers, 384 bytes cmem[0]"]
+                  f"ptxas info    : Used {regs} registers, used 1 barriers, 384 bytes cmem[0]",
+                  # a non-inlined device function's own report follows its caller's: not a kernel
+                  "ptxas info    : Function properties for _Z6helperPfi",
+                  "    999 bytes stack frame, 999 bytes spill stores, 999 bytes spill loads"]
     log = tmp_path / "build.log"
     log.write_text("\n".join(lines) + "\n")
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check_tools.py"), "ptxas", str(log)],
