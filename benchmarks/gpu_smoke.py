@@ -78,7 +78,7 @@ def cases(device):
         ours = core == OURS[device]
         dtypes = (torch.bfloat16, torch.float16) if ours else (torch.bfloat16,)
         dets = (False, True) if ours else (False,)
-        grids = grid_orders() if core == "cuda" else ("-",)
+        grids = grid_orders() if core == OURS[device] else ("-",)
         for shape in SHAPES:
             for packed in (False, True):
                 for causal in (True, False):
@@ -204,7 +204,7 @@ def sanitize_workload(device):
         head_dims = HeadDims(heads=HEADS, nope=dims.nope, rope=dims.rope, v=dims.v, latent=dims.latent)
         for seqlens in ((70, 1, 130), None):
             for det in (False, True):
-                for grid in grid_orders() if core == "cuda" else ("-",):
+                for grid in grid_orders():
                     inputs, cu = make_inputs(head_dims, batch=2, seqlen=67, seqlens=seqlens,
                                              dtype=torch.bfloat16, device=device)
                     with deterministic(det), grid_order(grid), torch_mla.use_core(core):
