@@ -213,23 +213,29 @@ def test_cuda_agrees_with_cpu(dtype):
 
 
 def test_composed_under_auto_warns_once():
-    """TORCH_WARN_ONCE: the first CUDA call `auto` sends to the composed core warns, later ones not."""
+    """TORCH_WARN_ONCE: the first CUDA call `auto` sends to the composed core warns, later ones not.
+    float64 is a call only composed serves on CUDA (the fused cores take 16-bit or float32 inputs,
+    cores/table.cpp); the script first checks that auto does send it there."""
     script = textwrap.dedent(f"""
         import sys, warnings
         import torch, torch_mla
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from support import SMALL, make_inputs
+        probe, _ = make_inputs(SMALL, batch=1, seqlen=9, dtype=torch.float64, device="cuda")
+        print(torch_mla.explain(*probe.values()).core)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(3):
-                inputs, _ = make_inputs(SMALL, batch=1, seqlen=9, device="cuda")
+                inputs, _ = make_inputs(SMALL, batch=1, seqlen=9, dtype=torch.float64, device="cuda")
                 torch_mla.mla_attention(**inputs).sum().backward()
         print(sum("composed-ATen" in str(w.message) for w in caught))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONWARNINGS": "default"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "1"
+    chosen, warnings_seen = result.stdout.strip().splitlines()[-2:]
+    assert chosen == "composed", f"auto sends float64 to {chosen}: the test no longer reaches composed"
+    assert warnings_seen == "1", f"{warnings_seen} warnings in 3 calls"
 
 
 def test_invalid_cu_seqlens_raise_value_error():
