@@ -89,8 +89,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) mla_forward_kernel(const 
 
   // The last query block of each (head, sequence) goes first, in either grid order: under causal
   // masking it sees the most keys, so the heaviest CTAs start first and the grid ends on light
-  // ones (a short tail), as FlashAttention 3 orders them. Blocks past a short packed sequence's
-  // end return at once wherever they land.
+  // ones (a short tail), FlashAttention 3's longest-processing-time-first order for causal. Blocks
+  // past a short packed sequence's end return at once wherever they land.
   const int num_m_blocks = static_cast<int>(ceil_div(p.max_seqlen, kBlockM));
   const GridCoords cta = grid_coords(p.grid_order, blockIdx.x, num_m_blocks, p.batch, p.heads);
   const int m_block = num_m_blocks - 1 - cta.block;
