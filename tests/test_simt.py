@@ -7,8 +7,9 @@ and packed batches (lengths 0 and 1 included), causal and not, sequence lengths 
 128, 129, the atomic and the deterministic backward (the deterministic one bitwise equal across
 two runs and two lane orders), non-contiguous inputs, NaN-poisoned memory past each tensor's
 logical end, both grid orders (cores/cuda/grid_order.h). Forward and all four grads against the
-float64 reference by FlashAttention's rule (docs/design.md §8). The emulator also fails a launch that touches memory outside the tensors'
-logical extents, races on shared memory or misuses a collective.
+float64 reference by FlashAttention's rule (docs/design.md §8). The emulator also fails a launch
+that touches memory outside the tensors' logical extents, races on shared memory or misuses a
+collective.
 """
 
 import contextlib
