@@ -7,7 +7,9 @@
 #      (torch_mla.cmake_prefix_path) and runs a short training that must bring the loss down
 #      (train_mla exits non-zero otherwise);
 #   3. builds tests/cpp/consumer against the same package: a consumer that uses the ops by name
-#      only must still load them.
+#      only must still load them;
+#   4. where nvcc exists: the resource gate of our CUDA kernels (scripts/kernel_resources.py
+#      --check: ptxas -v of every kernel for sm_80 and sm_90 against the checked-in table).
 # (A `cmake --install` into another prefix is tested by tests/test_packaging.py's wheel.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,4 +49,15 @@ cmake -S tests/cpp/consumer -B "$BUILD/consumer" "${common[@]}" \
   -DCMAKE_PREFIX_PATH="$PACKAGE_PREFIX;$TORCH_PREFIX" >/dev/null
 cmake --build "$BUILD/consumer" -j "$JOBS"
 "$BUILD/consumer/dispatcher_only"
+
+NVCC=$(command -v nvcc || true)
+[ -n "$NVCC" ] || [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ] || NVCC="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
+if [ -n "$NVCC" ]; then
+  echo "== CUDA: resource gate (ptxas -v of every kernel, sm_80 and sm_90, against the checked-in table)"
+  start=$SECONDS
+  "$PY" scripts/kernel_resources.py --check --nvcc "$NVCC"
+  echo "== CUDA: resource gate took $((SECONDS - start)) s"
+else
+  echo "== CUDA: resource gate skipped: no nvcc (on PATH or in \${CUDA_HOME:-/usr/local/cuda}/bin)"
+fi
 echo "== C++: all passed"

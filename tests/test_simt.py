@@ -6,10 +6,13 @@ served list, support.served_cases): both tuned head shapes ((192, 128) with H �
 and packed batches (lengths 0 and 1 included), causal and not, sequence lengths 1, 63, 64, 65, 127,
 128, 129, the atomic and the deterministic backward (the deterministic one bitwise equal across
 two runs and two lane orders), non-contiguous inputs, NaN-poisoned memory past each tensor's
-logical end. Forward and all four grads against the float64 reference by FlashAttention's rule
-(docs/design.md §8). The emulator also fails a launch that touches memory outside the tensors'
-logical extents, races on shared memory or misuses a collective.
+logical end, both grid orders (cores/cuda/grid_order.h). Forward and all four grads against the
+float64 reference by FlashAttention's rule (docs/design.md §8). The emulator also fails a launch
+that touches memory outside the tensors' logical extents, races on shared memory or misuses a
+collective.
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -147,6 +150,50 @@ def test_non_contiguous_inputs_with_nan_past_their_ends(deterministic, dims, dty
     out = torch_mla.mla_attention(**views, cu_seqlens=cu)
     grads = dict(zip(TENSOR_ARGS, torch.autograd.grad(out, [views[k] for k in TENSOR_ARGS], grad_out_view)))
     check_lowp_against_reference({"out": out.detach(), **grads}, inputs, grad_out, cu_seqlens=cu)
+
+
+@contextlib.contextmanager
+def grid_order(order):
+    """Our kernels' grids in `order` (cores/cuda/grid_order.h), the previous order restored after."""
+    previous = torch.ops.torch_mla._set_grid_order(order)
+    try:
+        yield
+    finally:
+        torch.ops.torch_mla._set_grid_order(previous)
+
+
+def test_set_grid_order_returns_the_previous_and_refuses_other_names():
+    set_order = torch.ops.torch_mla._set_grid_order
+    assert set_order("head_fastest") == "query_fastest"  # the default
+    try:
+        assert set_order("head_fastest") == "head_fastest"
+        with pytest.raises(ValueError, match='"query_fastest" or "head_fastest", got "sideways"'):
+            set_order("sideways")
+    finally:
+        assert set_order("query_fastest") == "head_fastest"  # unchanged by the refused name
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_both_grid_orders_match_reference_and_each_other(deterministic, layout):
+    """FlashAttention's order (query blocks fastest; key blocks in the dK/dV pass) and the old one
+    (heads fastest): every CTA computes the same tile either way, so out, and with the
+    deterministic backward every grad, are bitwise equal between the orders; the atomic backward
+    adds dQ and dk_rope in whatever order the emulator's workers reach the CTAs: each order
+    against the reference. Three heads and several query / key blocks per sequence, so that the
+    orders differ in every index."""
+    c = case(BF16, "dsv3", layout == "packed")
+    shape = dict(seqlens=[130, 1, 0, 65]) if layout == "packed" else dict(batch=2, seqlen=129)
+    inputs, cu = simt_inputs(c, 3, **shape)
+    for causal in (True, False):
+        results = {}
+        for order in ("query_fastest", "head_fastest"):
+            with grid_order(order), labelled(c, order, "causal" if causal else "full"):
+                results[order] = run_and_check(inputs, causal=causal, cu_seqlens=cu)
+        (out_q, grads_q), (out_h, grads_h) = results["query_fastest"], results["head_fastest"]
+        assert torch.equal(out_q, out_h), causal
+        if deterministic:
+            for k in TENSOR_ARGS:
+                assert torch.equal(grads_q[k], grads_h[k]), (causal, k)
 
 
 def test_auto_never_takes_simt():

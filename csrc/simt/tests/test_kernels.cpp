@@ -6,8 +6,9 @@
 //
 // Every tensor lives in a buffer whose memory past its logical end is NaN and not registered for
 // the launch (a read there fails the launch); non-contiguous inputs have NaN gaps between rows
-// and heads. The atomic and the deterministic backward both run; the deterministic one twice, in
-// two lane orders, and must agree bit for bit.
+// and heads. The atomic and the deterministic backward both run, the atomic one in both grid
+// orders (cores/cuda/grid_order.h); the forward and the deterministic backward twice, in two lane
+// orders and the two grid orders, and must agree bit for bit.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -25,6 +26,7 @@
 
 namespace {
 
+using torch_mla::cuda::GridOrder;
 using torch_mla::cuda::MlaParams;
 
 // ---- buffers with NaN past their logical end -------------------------------------------------
@@ -337,7 +339,7 @@ struct Runner {
     Poisoned<float> lse;
   };
 
-  Forward forward(simt::Order order, uint64_t seed) const {
+  Forward forward(simt::Order order, uint64_t seed, GridOrder grid) const {
     Forward f{make_tensor<T>(Tn, pb.heads, kDimV, pb.strided), Poisoned<float>(Tn * pb.heads)};
     simt::Stream s = stream(order, seed);
     register_inputs(s);
@@ -348,6 +350,7 @@ struct Runner {
     p.out_row_stride = f.out.row_stride;
     p.out_head_stride = f.out.head_stride;
     p.lse = f.lse.data();
+    p.grid_order = grid;
     torch_mla::cuda::run_mla_forward<T, kDimQK, kDimV>(p, &s);
     return f;
   }
@@ -356,7 +359,8 @@ struct Runner {
     std::vector<double> dq, dkv, dk_rope;  // as the op returns them: rounded to T
   };
 
-  Backward backward(const Forward& fwd, bool deterministic, simt::Order order, uint64_t seed) const {
+  Backward backward(const Forward& fwd, bool deterministic, simt::Order order, uint64_t seed,
+                    GridOrder grid) const {
     const int H = pb.heads, dn = pb.dim_nope();
     Poisoned<float> row_stats(2 * H * Tn);  // lse·log2(e) and delta, (2, H, T)
     Poisoned<float> dq_accum(deterministic ? 0 : Tn * H * kDimQK);
@@ -391,6 +395,7 @@ struct Runner {
     p.dq = deterministic ? dq.buf.data() : nullptr;
     p.dkv = dkv.buf.data();
     p.dk_rope_accum = dk_rope_accum.data();
+    p.grid_order = grid;
     torch_mla::cuda::run_mla_backward_preprocess<T>(p, kDimV, &s);
     torch_mla::cuda::run_mla_backward<T, kDimQK, kDimV>(p, deterministic, &s);
 
@@ -432,7 +437,11 @@ void check_problem_in(const Problem& pb, simt::Order order) {
   const Results exact = reference<T>(pb, run.scale, run.q, run.kv, run.kr, run.d_o, false);
   const Results naive = reference<T>(pb, run.scale, run.q, run.kv, run.kr, run.d_o, true);
 
-  const auto fwd = run.forward(order, pb.seed);
+  // The problem in one grid order and lane order, then again in the other grid order (and another
+  // lane order): the CTAs then run in another sequence, which must change no bit of what has no
+  // atomics, and keep the atomic backward within the rule.
+  constexpr GridOrder grid = GridOrder::query_fastest, other_grid = GridOrder::head_fastest;
+  const auto fwd = run.forward(order, pb.seed, grid);
   const int64_t Tn = run.Tn;
   std::vector<double> out(Tn * pb.heads * kDimV), lse(Tn * pb.heads);
   for (int64_t t = 0; t < Tn; ++t)
@@ -441,26 +450,29 @@ void check_problem_in(const Problem& pb, simt::Order order) {
   for (size_t i = 0; i < lse.size(); ++i) lse[i] = fwd.lse[i];
   compare("out", out, exact.out, naive.out, {2, 1e-6});
   compare("lse", lse, exact.lse, naive.lse, {2, 1e-5});
-  // The forward has no atomics: bitwise the same in another lane order.
+  // The forward has no atomics: bitwise the same in another lane order and grid order.
   const simt::Order other = order == simt::Order::reverse ? simt::Order::random : simt::Order::reverse;
   {
-    const auto fwd2 = run.forward(other, pb.seed + 1);
+    const auto fwd2 = run.forward(other, pb.seed + 1, other_grid);
     CHECK(std::memcmp(fwd2.out.buf.data(), fwd.out.buf.data(), fwd.out.buf.bytes()) == 0);
     CHECK(std::memcmp(fwd2.lse.data(), fwd.lse.data(), fwd.lse.bytes()) == 0);
   }
 
   const Tolerance grad{3, 1e-6};
-  const auto atomic = run.backward(fwd, false, order, pb.seed);
-  compare("dq (atomic)", atomic.dq, exact.dq, naive.dq, grad);
-  compare("dkv (atomic)", atomic.dkv, exact.dkv, naive.dkv, grad);
-  compare("dk_rope (atomic)", atomic.dk_rope, exact.dk_rope, naive.dk_rope, grad);
+  for (GridOrder g : {grid, other_grid}) {
+    INFO("grid order " << torch_mla::cuda::grid_order_name(g));
+    const auto atomic = run.backward(fwd, false, order, pb.seed, g);
+    compare("dq (atomic)", atomic.dq, exact.dq, naive.dq, grad);
+    compare("dkv (atomic)", atomic.dkv, exact.dkv, naive.dkv, grad);
+    compare("dk_rope (atomic)", atomic.dk_rope, exact.dk_rope, naive.dk_rope, grad);
+  }
 
-  const auto det = run.backward(fwd, true, order, pb.seed);
+  const auto det = run.backward(fwd, true, order, pb.seed, grid);
   compare("dq (deterministic)", det.dq, exact.dq, naive.dq, grad);
   compare("dkv (deterministic)", det.dkv, exact.dkv, naive.dkv, grad);
   compare("dk_rope (deterministic)", det.dk_rope, exact.dk_rope, naive.dk_rope, grad);
-  // Bitwise the same in another lane order.
-  const auto det2 = run.backward(fwd, true, other, pb.seed + 1);
+  // Bitwise the same in another lane order and grid order.
+  const auto det2 = run.backward(fwd, true, other, pb.seed + 1, other_grid);
   CHECK(det2.dq == det.dq);
   CHECK(det2.dkv == det.dkv);
   CHECK(det2.dk_rope == det.dk_rope);
@@ -513,6 +525,43 @@ TEST_CASE("kernels other rope splits and larger scores", "[kernels]") {
     pb.input_std = 2.5f;
     check_problem<simt::bf16, 192, 128>(pb, simt::Order::forward);
   }
+}
+
+// The grid's index math (mla_params.h grid_coords): each order a bijection from [0, blocks·batch·
+// inner) onto the (block, sequence, inner) triples, with the fastest-varying index its name says;
+// and at the 1-D grid's limit (2^31 - 1 CTAs), where 32-bit arithmetic would overflow.
+TEST_CASE("grid orders cover every CTA once, in their order", "[kernels][grid]") {
+  using torch_mla::cuda::grid_coords;
+  const int blocks = 3, batch = 2, inner = 5;
+  for (GridOrder order : {GridOrder::query_fastest, GridOrder::head_fastest}) {
+    INFO(torch_mla::cuda::grid_order_name(order));
+    std::vector<int> seen(blocks * batch * inner, 0);
+    for (int64_t idx = 0; idx < blocks * batch * inner; ++idx) {
+      const auto c = grid_coords(order, idx, blocks, batch, inner);
+      REQUIRE((c.block >= 0 && c.block < blocks && c.seq >= 0 && c.seq < batch && c.inner >= 0 && c.inner < inner));
+      ++seen[(c.seq * inner + c.inner) * blocks + c.block];
+      if (idx == 0) continue;
+      const auto prev = grid_coords(order, idx - 1, blocks, batch, inner);
+      if (order == GridOrder::query_fastest && idx % blocks != 0) {
+        // Neighbours are the next block of the same (head, sequence): they read the same K/V.
+        CHECK((c.block == prev.block + 1 && c.seq == prev.seq && c.inner == prev.inner));
+      } else if (order == GridOrder::head_fastest && idx % inner != 0) {
+        CHECK((c.inner == prev.inner + 1 && c.seq == prev.seq && c.block == prev.block));
+      }
+    }
+    CHECK(std::all_of(seen.begin(), seen.end(), [](int n) { return n == 1; }));
+  }
+  // The largest index of a 1-D grid, 2^31 - 1: the last CTA of 2^14 blocks × 2^10 sequences × 2^7
+  // heads; then an index of 31 bits whose coordinates are easy to state.
+  const int64_t last = (int64_t{1} << 31) - 1;
+  for (GridOrder order : {GridOrder::query_fastest, GridOrder::head_fastest}) {
+    const auto c = grid_coords(order, last, 1 << 14, 1 << 10, 1 << 7);
+    CHECK((c.block == (1 << 14) - 1 && c.seq == (1 << 10) - 1 && c.inner == (1 << 7) - 1));
+  }
+  const auto q = grid_coords(GridOrder::query_fastest, (int64_t{1} << 30) + 5, 1 << 14, 1 << 10, 1 << 7);
+  CHECK((q.block == 5 && q.seq == 1 << 9 && q.inner == 0));
+  const auto h = grid_coords(GridOrder::head_fastest, (int64_t{1} << 30) + 5, 1 << 14, 1 << 10, 1 << 7);
+  CHECK((h.block == 1 << 13 && h.seq == 0 && h.inner == 5));
 }
 
 // A small problem for a quick first look (and for timing one launch of each kernel).

@@ -1,8 +1,10 @@
 // Private ops over the core table (cores/table.h) for torch_mla.cores and tests: which core a call
 // takes and why, the selection rule on a described call, the table's names, the archs compiled,
-// and the chunk-budget test hook (layer/chunking.h).
+// the chunk-budget test hook (layer/chunking.h) and the grid order of our kernels
+// (cores/cuda/grid_order.h).
 #include <torch/library.h>
 
+#include "torch_mla/cores/cuda/grid_order.h"
 #include "torch_mla/cores/table.h"
 #include "torch_mla/layer/checks.h"
 #include "torch_mla/layer/chunking.h"
@@ -41,6 +43,15 @@ std::vector<int64_t> kernel_archs() {
   return {archs.begin(), archs.end()};
 }
 
+// _set_grid_order: the order of our kernels' CTAs for every later launch, process-wide (the A/B
+// benchmark of docs/design.md §10.2); returns the previous order's name.
+std::string set_grid_order(c10::string_view order) {
+  const std::optional<cuda::GridOrder> parsed = cuda::grid_order_from_name(order);
+  TORCH_CHECK_VALUE(parsed.has_value(), "torch_mla._set_grid_order: order must be \"query_fastest\" or ",
+                    "\"head_fastest\", got \"", std::string(order), "\"");
+  return std::string(cuda::grid_order_name(cuda::grid_order_setting.exchange(*parsed)));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
@@ -52,6 +63,7 @@ TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
   m.def("_core_names() -> str[]", TORCH_FN(core_names));
   m.def("_kernel_archs() -> int[]", TORCH_FN(kernel_archs));
   m.def("_set_chunk_elements(int n) -> int", TORCH_FN(set_chunk_elements));
+  m.def("_set_grid_order(str order) -> str", TORCH_FN(set_grid_order));
 }
 
 }  // namespace torch_mla

@@ -3,15 +3,17 @@
 //
 // 1. preprocess: delta = rowsum(dO ⊙ O) and lse·log2(e), both stored (H, T) so that a query
 //    block's values are contiguous.
-// 2. dK/dV: one CTA per (key block of 64, sequence, group of heads), 8 warps. K and V of the block
-//    stay in shared memory; the CTA walks the query blocks (64) that see it, Q/dO/lse/delta double
-//    buffered, and per block recomputes P = exp2(S·scale·log2e − lse·log2e), dS = P ⊙ (dO·Vᵀ − delta),
-//    then dV += Pᵀ·dO, dK += dSᵀ·Q and (atomic path) dQ += dS·K into a float32 accumulator.
+// 2. dK/dV: one CTA per (key block of 64, group of heads, sequence), key blocks fastest in the grid
+//    by default (grid_order.h), 8 warps. K and V of the block stay in shared memory; the CTA walks
+//    the query blocks (64) that see it, Q/dO/lse/delta double buffered, and per block recomputes
+//    P = exp2(S·scale·log2e − lse·log2e), dS = P ⊙ (dO·Vᵀ − delta), then dV += Pᵀ·dO, dK += dSᵀ·Q
+//    and (atomic path) dQ += dS·K into a float32 accumulator.
 //    dK's last Dr columns are the k_rope gradient of this head: they are not written per head but
 //    kept in registers across the CTA's heads and added once into dk_rope_accum, so dk_rope is
 //    summed over heads in-kernel (with one group of all heads, deterministically).
-// 3. dQ (deterministic path only): one CTA per (query block, head, sequence) that recomputes P and
-//    dS over the visible key blocks and owns its dQ rows, so no atomics are needed.
+// 3. dQ (deterministic path only): one CTA per (query block, head, sequence), in the forward's
+//    grid order, that recomputes P and dS over the visible key blocks and owns its dQ rows, so no
+//    atomics are needed.
 #include <cmath>
 
 // mla_target.cuh is the one switch between the targets: the CUDA headers and inline PTX under
@@ -109,12 +111,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) mla_backward_kernel(const
   using TileV = typename Traits::TileV;
   using TileP = typename Traits::TileP;
 
-  // Key blocks at the start of causal sequences see the most queries: they go first.
+  // Key blocks are the grid's fastest index by default (grid_order.h). Key blocks at the start of
+  // causal sequences see the most queries: in either order they go first within their (head
+  // group, sequence).
   const int groups = (p.heads + p.heads_per_cta - 1) / p.heads_per_cta;
-  const int64_t pairs = static_cast<int64_t>(p.batch) * groups;
-  const int n_block = static_cast<int>(blockIdx.x / pairs);
-  const int b = static_cast<int>(blockIdx.x % pairs) / groups;
-  const int group = static_cast<int>(blockIdx.x % pairs) % groups;
+  const GridCoords cta =
+      grid_coords(p.grid_order, blockIdx.x, static_cast<int>(ceil_div(p.max_seqlen, kBlockN)), p.batch, groups);
+  const int n_block = cta.block;
+  const int b = cta.seq;
+  const int group = cta.inner;
   const SeqSpan seq = sequence_span(p.cu_seqlens, b, p.seqlen);
   CUDA_KERNEL_ASSERT(seq.begin >= 0 && seq.len >= 0 && seq.begin + seq.len <= p.tokens &&
                      seq.len <= p.max_seqlen);
@@ -316,11 +321,12 @@ __global__ void __launch_bounds__(Traits::kThreads) mla_backward_dq_kernel(const
   using TileK = typename Traits::TileK;
   using TileV = typename Traits::TileV;
 
+  // As the forward: query blocks fastest by default, the last (heaviest under causal) first.
   const int num_m_blocks = static_cast<int>(ceil_div(p.max_seqlen, kBlockM));
-  const int64_t pairs = static_cast<int64_t>(p.batch) * p.heads;
-  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x / pairs);
-  const int b = static_cast<int>(blockIdx.x % pairs) / p.heads;
-  const int h = static_cast<int>(blockIdx.x % pairs) % p.heads;
+  const GridCoords cta = grid_coords(p.grid_order, blockIdx.x, num_m_blocks, p.batch, p.heads);
+  const int m_block = num_m_blocks - 1 - cta.block;
+  const int b = cta.seq;
+  const int h = cta.inner;
   const SeqSpan seq = sequence_span(p.cu_seqlens, b, p.seqlen);
   const int len = static_cast<int>(seq.len);
   const int m0 = m_block * kBlockM;

@@ -1,9 +1,10 @@
 #pragma once
 // Forward flash-attention kernel of mla_attention (FlashAttention-2 scheme on mma.sync).
 //
-// One CTA per (query block of 128 rows, head, sequence); 8 warps, each owning 16 query rows. The
-// CTA walks the visible key blocks (64 keys) from the last to the first, so that the one or two
-// blocks that need causal / sequence-end masking come first. Per key block: S = Q·Kᵀ on tensor
+// One CTA per (query block of 128 rows, head, sequence), query blocks fastest in the grid by
+// default (grid_order.h); 8 warps, each owning 16 query rows. The CTA walks the visible key blocks
+// (64 keys) from the last to the first, so that the one or two blocks that need causal /
+// sequence-end masking come first. Per key block: S = Q·Kᵀ on tensor
 // cores, online softmax in registers (base 2), O += P·V with P kept in registers. K's tile is
 // [k_nope from the expanded KV buffer | k_rope], k_rope read straight from its (T, Dr) tensor for
 // every head. The V copy overlaps S and the softmax; the next K copy overlaps P·V.
@@ -86,12 +87,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) mla_forward_kernel(const 
   using TileK = typename Traits::TileK;
   using TileV = typename Traits::TileV;
 
-  // Heaviest query blocks (last in causal sequences) first, across all (sequence, head) pairs.
+  // The last query block of each (head, sequence) goes first, in either grid order: under causal
+  // masking it sees the most keys, so the heaviest CTAs start first and the grid ends on light
+  // ones (a short tail), FlashAttention 3's longest-processing-time-first order for causal. Blocks
+  // past a short packed sequence's end return at once wherever they land.
   const int num_m_blocks = static_cast<int>(ceil_div(p.max_seqlen, kBlockM));
-  const int64_t pairs = static_cast<int64_t>(p.batch) * p.heads;
-  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x / pairs);
-  const int b = static_cast<int>(blockIdx.x % pairs) / p.heads;
-  const int h = static_cast<int>(blockIdx.x % pairs) % p.heads;
+  const GridCoords cta = grid_coords(p.grid_order, blockIdx.x, num_m_blocks, p.batch, p.heads);
+  const int m_block = num_m_blocks - 1 - cta.block;
+  const int b = cta.seq;
+  const int h = cta.inner;
   const SeqSpan seq = sequence_span(p.cu_seqlens, b, p.seqlen);
   CUDA_KERNEL_ASSERT(seq.begin >= 0 && seq.len >= 0 && seq.begin + seq.len <= p.tokens &&
                      seq.len <= p.max_seqlen);

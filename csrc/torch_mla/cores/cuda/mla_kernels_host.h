@@ -17,6 +17,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "torch_mla/cores/core.h"
@@ -50,9 +52,14 @@ inline size_t extent_bytes(const at::Tensor& t) {
   return static_cast<size_t>(last + 1) * t.element_size();
 }
 
-// Grid sizes are products of blocks per sequence, sequences and heads; they must fit a 1-D grid.
+// Grid sizes must fit a 1-D grid (gridDim.x ≤ 2^31 - 1): the attention kernels' are products of
+// blocks per sequence, sequences and heads, largest with the smallest row block (64: backward, dQ);
+// the preprocess kernel's is ceil(T·H / 8). The kernels split blockIdx.x in 64-bit arithmetic
+// (grid_coords, mla_params.h), and positions within a sequence stay below 2^30 so that int
+// arithmetic on them cannot overflow.
 inline void check_grid(const CoreProblem& p) {
-  const int64_t blocks = (p.seqs.longest + 63) / 64 * p.seqs.count * p.heads;
+  const int64_t blocks = std::max((p.seqs.longest + 63) / 64 * p.seqs.count * p.heads,
+                                  (p.seqs.tokens * p.heads + 7) / 8);
   TORCH_CHECK(blocks < (int64_t{1} << 31) && p.seqs.longest < (int64_t{1} << 30),
               "torch_mla.mla_attention: problem too large for one CUDA launch (", blocks, " blocks)");
 }
@@ -77,6 +84,7 @@ MlaParams fprop_params(Target& target, const CoreProblem& p, const at::Tensor& q
   params.softmax_scale = static_cast<float>(p.softmax_scale);
   params.scale_log2 = static_cast<float>(p.softmax_scale * kLog2e);
   params.causal = p.causal;
+  params.grid_order = cuda::grid_order_setting.load(std::memory_order_relaxed);
   params.q = q.data_ptr();
   params.q_row_stride = q.stride(0);
   params.q_head_stride = q.stride(1);

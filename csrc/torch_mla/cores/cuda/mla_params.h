@@ -3,6 +3,7 @@
 // The kernels know nothing of tensors, autograd or dispatch; cores/cuda/cuda_core.cu fills this in.
 // Under TORCH_MLA_SIMT (mla_target.cuh) cudaStream_t is the emulator's simt::Stream*, so the same
 // host code fills it in for a launch on the CPU.
+#include "torch_mla/cores/cuda/grid_order.h"
 #include "torch_mla/cores/cuda/mla_kernel_smem.h"
 #include "torch_mla/cores/cuda/mla_target.cuh"
 
@@ -24,6 +25,7 @@ struct MlaParams {
   float softmax_scale = 0.f;
   float scale_log2 = 0.f;  // softmax_scale·log2(e): the kernels work with exp2
   bool causal = true;
+  GridOrder grid_order = GridOrder::query_fastest;  // which index of blockIdx.x varies fastest
 
   // Forward operands (element strides; the last dimension of each is contiguous).
   const void* q = nullptr;  // (T, H, Dn+Dr)
@@ -48,6 +50,26 @@ struct MlaParams {
   float* dk_rope_accum = nullptr;  // (T, Dr) float32, zeroed: dk_rope summed over heads
   int heads_per_cta = 1;  // backward: heads one CTA handles in turn (all of them: deterministic)
 };
+
+// The block, sequence and inner index (head, or head group) of CTA `idx` (blockIdx.x) of a 1-D
+// grid of `blocks` blocks per sequence × `batch` sequences × `inner`, in the order `order` names
+// (grid_order.h). query_fastest: idx = (seq·inner + inner_idx)·blocks + block, so the CTAs launched
+// together share one head's K/V; head_fastest: idx = block·batch·inner + seq·inner + inner_idx.
+// 64-bit: a grid holds up to 2^31 - 1 CTAs (check_grid, mla_kernels_host.h).
+struct GridCoords {
+  int block, seq, inner;
+};
+
+__host__ __device__ __forceinline__ GridCoords grid_coords(GridOrder order, int64_t idx, int blocks, int batch,
+                                                           int inner) {
+  if (order == GridOrder::query_fastest) {
+    const int64_t rest = idx / blocks;
+    return {static_cast<int>(idx % blocks), static_cast<int>(rest / inner), static_cast<int>(rest % inner)};
+  }
+  const int64_t pairs = static_cast<int64_t>(batch) * inner;
+  const int64_t rest = idx % pairs;
+  return {static_cast<int>(idx / pairs), static_cast<int>(rest / inner), static_cast<int>(rest % inner)};
+}
 
 // The launchers, instantiated for T = __nv_bfloat16 / __half and the (Dn+Dr, Dv) of tuned_shapes.h.
 // The caller guarantees: tokens > 0, batch > 0, max_seqlen > 0, Dn % 8 == 0, Dr % 8 == 0, and
