@@ -109,11 +109,7 @@ prebuilt_ok() {
 
 resources() {  # resources BUILD_LOG: the per-kernel table from ptxas -v, else from the binary
   if grep -q "Compiling entry function" "$1" 2>/dev/null; then
-    if [ -f scripts/kernel_resources.py ]; then
-      "$PYTHON" scripts/kernel_resources.py --from-log "$1"
-    else
-      "$PYTHON" benchmarks/gpu_check_tools.py ptxas "$1"
-    fi
+    "$PYTHON" scripts/kernel_resources.py --from-log "$1"
   else  # nothing recompiled (or a prebuilt library): what cuobjdump reads off the binary
     cuobjdump --dump-resource-usage "$LIB" | grep -E "Function|REG" | grep -B1 -E "REG:" | grep -v '^--$'
     echo "summary: resources from cuobjdump (no ptxas log: nothing compiled in this run)"
@@ -145,10 +141,9 @@ stage_build() {
   cmake --install "$BUILD_DIR" --prefix python/torch_mla >/dev/null || return 1
   resources "$WORK/build.log" >"$OUT/resources.txt"
   sed 's/^\(summary: \)\{0,1\}/summary: /' "$OUT/resources.txt"  # the table goes into the summary
-  if [ -f scripts/kernel_resources.py ]; then  # the checked-in resource gate, on this build's report
-    "$PYTHON" scripts/kernel_resources.py --check --from-log "$WORK/build.log" | tail -5
-    echo "summary: resource gate (scripts/kernel_resources.py --check) rc=${PIPESTATUS[0]}"
-  fi
+  # the checked-in resource gate, on this build's report
+  "$PYTHON" scripts/kernel_resources.py --check --from-log "$WORK/build.log" | tail -5
+  echo "summary: resource gate (scripts/kernel_resources.py --check) rc=${PIPESTATUS[0]}"
   "$PYTHON" -c 'import torch, torch_mla; print("summary: CUDA kernels for", torch_mla.cores.compiled_kernel_archs())'
 }
 

@@ -1,8 +1,6 @@
-"""Small parsers benchmarks/gpu_check.sh needs (standard library only).
+"""The junit merge benchmarks/gpu_check.sh needs (standard library only; the ptxas table is
+scripts/kernel_resources.py's).
 
-  ptxas BUILD_LOG      one line per kernel compiled with `-Xptxas -v`: name, arch, registers,
-                       spill stores / loads (bytes), stack frame (bytes); the fallback until
-                       scripts/kernel_resources.py exists
   junit OUT IN...      merges pytest's junit files into one (<testsuites>) and prints per-core
                        totals as `summary:` lines (the core from the test id: cuda-cudnn, ...)
 """
@@ -10,52 +8,6 @@ import collections
 import re
 import sys
 import xml.etree.ElementTree as ET
-
-ENTRY = re.compile(r"ptxas info\s*: Compiling entry function '([^']+)' for '(sm_\w+)'")
-FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-REGS = re.compile(r"ptxas info\s*: Used (\d+) registers")
-PROPERTIES = re.compile(r"Function properties for (\S+)")
-
-
-def demangle(names):
-    """c++filt's names where it is installed, else the mangled ones."""
-    import shutil
-    import subprocess
-    if not names or shutil.which("c++filt") is None:
-        return names
-    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout
-    lines = out.splitlines()
-    return lines if len(lines) == len(names) else names
-
-
-def ptxas(path):
-    """(name, arch, registers, spill stores, spill loads, stack) per entry function of the log,
-    in the order ptxas compiled them (ptxas prints the entry, its properties and frame, then its
-    registers; the properties of a non-inlined device function name that function, skipped)."""
-    rows, current, props_of = [], None, None
-    with open(path, errors="replace") as f:
-        for line in f:
-            if m := ENTRY.search(line):
-                current = {"name": m.group(1), "arch": m.group(2)}
-            elif m := PROPERTIES.search(line):
-                props_of = m.group(1)
-            elif current is not None and props_of == current["name"] and (m := FRAME.search(line)):
-                current.update(stack=int(m.group(1)), stores=int(m.group(2)), loads=int(m.group(3)))
-            elif current is not None and (m := REGS.search(line)):
-                current["registers"] = int(m.group(1))
-                rows.append(current)
-                current = None
-    names = demangle([r["name"] for r in rows])
-    print(f"{'kernel':<90} {'arch':<6} {'regs':>5} {'spill st':>9} {'spill ld':>9} {'stack':>6}")
-    for row, name in zip(rows, names):
-        short = re.sub(r"\s+", " ", name)[:90]
-        print(f"{short:<90} {row['arch']:<6} {row['registers']:>5} {row.get('stores', 0):>9} "
-              f"{row.get('loads', 0):>9} {row.get('stack', 0):>6}")
-    spilling = [r for r in rows if r.get("stores", 0) or r.get("loads", 0)]
-    print(f"summary: {len(rows)} kernels compiled; {len(spilling)} spill; max registers "
-          f"{max((r['registers'] for r in rows), default=0)}; max stack {max((r.get('stack', 0) for r in rows), default=0)} B")
-    return 0 if rows else 1
-
 
 CORE = re.compile(r"\b(?:cpu|cuda)-(cudnn|cuda|efficient|composed|cpu|simt)\b")
 
@@ -85,8 +37,6 @@ def junit(out_path, paths):
 
 
 def main(argv):
-    if len(argv) >= 2 and argv[0] == "ptxas":
-        return ptxas(argv[1])
     if len(argv) >= 2 and argv[0] == "junit":
         return junit(argv[1], argv[2:])
     print(__doc__, file=sys.stderr)

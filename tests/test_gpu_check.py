@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh --dry-run on this machine: the plumbing of the one-call GPU check
 (stages in order, a verdict per stage in summary.txt, the log, at most 6 files, the deadline)
-without a GPU or a build; and the ptxas parser the build stage falls back on."""
+without a GPU or a build."""
 import os
 import re
 import subprocess
@@ -85,43 +85,6 @@ def test_a_stage_not_selected_says_so(tmp_path):
 def test_bad_arguments_exit_2(tmp_path):
     assert dry_run(tmp_path, "--bogus").returncode == 2
     assert dry_run(tmp_path, DEADLINE="soon").returncode == 2
-
-
-def test_ptxas_report_parsed_per_kernel(tmp_path):
-    """The build stage's fallback parser reads each entry function's numbers from nvcc -Xptxas -v
-    output, in the order ptxas 13.0 prints them (entry, its frame, registers, then the frames of
-    the device functions it calls), interleaved with other lines."""
-    kernels = [("_Z18mla_forward_kernelILi64EEvPf", 168, 0, 0, 0),
-               ("_Z19mla_backward_kernelILi4EEvPf", 255, 40, 48, 56)]
-    lines = ["ptxas info    : 0 bytes gmem", "[3/9] Building CUDA object x.cu.o"]
-    for name, regs, stack, stores, loads in kernels:
-        lines += [f"ptxas info    : Compiling entry function '{name}' for 'sm_90'",
-                  f"ptxas info    : Function properties for {name}",
-                  f"    {stack} bytes stack frame, {stores} bytes spill stores, {loads} bytes spill loads",
-                  f"ptxas info    : Used {regs} registers, used 1 barriers, 384 bytes cmem[0]",
-                  # a non-inlined device function's own report follows its caller's: not a kernel
-                  "ptxas info    : Function properties for _Z6helperPfi",
-                  "    999 bytes stack frame, 999 bytes spill stores, 999 bytes spill loads"]
-    log = tmp_path / "build.log"
-    log.write_text("\n".join(lines) + "\n")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check_tools.py"), "ptxas", str(log)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    rows = [line.split() for line in result.stdout.splitlines()[1:] if not line.startswith("summary:")]
-    assert len(rows) == len(kernels)
-    for row, (_, regs, stack, stores, loads) in zip(rows, kernels):
-        assert "sm_90" in row and row[-4:] == [str(regs), str(stores), str(loads), str(stack)], row
-    spilling = sum(1 for k in kernels if k[3] or k[4])
-    assert f"{spilling} spill" in result.stdout.splitlines()[-1]
-
-
-@pytest.mark.parametrize("empty", [True, False])
-def test_ptxas_parser_fails_on_a_log_without_kernels(tmp_path, empty):
-    log = tmp_path / "build.log"
-    log.write_text("" if empty else "[1/2] Building CXX object a.cpp.o\n")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check_tools.py"), "ptxas", str(log)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1 and "0 kernels" in result.stdout
 
 
 def test_smoke_table_on_the_cpu_core(tmp_path):
