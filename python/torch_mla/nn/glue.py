@@ -39,7 +39,7 @@ _FAMILIES = {
 }
 
 #: model_types whose attention has a kv_b_proj but is not the dense MLA the op computes.
-_REFUSED = {
+REFUSED_MODEL_TYPES = {
     "deepseek_v32": "DeepSeek Sparse Attention (a top-k indexer selects the keys)",
     "glm_moe_dsa": "DeepSeek Sparse Attention (a top-k indexer selects the keys)",
     "glm5_next": "compressed sparse attention (DSA over compressed keys)",
@@ -93,9 +93,9 @@ class MlaGlue:
         GLM-4.7-Flash, LongCat-Flash, Kimi Linear), by ``config.model_type``. ValueError naming
         `owner` (the attention class) and the setting for families or settings it cannot serve."""
         model_type = getattr(config, "model_type", None)
-        if model_type in _REFUSED:
+        if model_type in REFUSED_MODEL_TYPES:
             raise ValueError(f"torch_mla: {owner} (model_type {model_type!r}) is not served: "
-                             f"{_REFUSED[model_type]}, which the dense MLA op does not compute")
+                             f"{REFUSED_MODEL_TYPES[model_type]}, which the dense MLA op does not compute")
         if model_type not in _FAMILIES:
             raise ValueError(f"torch_mla: {owner} has model_type {model_type!r}, not an MLA family "
                              f"torch_mla serves ({', '.join(sorted(_FAMILIES))})")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ...nn.attention import MultiHeadLatentAttention, check_head_chunks, resolve_save
-from ...nn.glue import _REFUSED, MlaGlue, latent_attention
+from ...nn.glue import REFUSED_MODEL_TYPES, MlaGlue, latent_attention
 from .peft import check_adapters, projections_for
 
 # The attention classes patch_model serves (Sarvam's models are built from DeepSeek-V3's).
@@ -123,7 +123,7 @@ def _served_modules(model: nn.Module):
             served.append((module, _glue_of(module, name)))
         elif hasattr(module, "kv_b_proj") and not isinstance(module, MultiHeadLatentAttention):
             model_type = getattr(getattr(module, "config", None), "model_type", None)
-            why = _REFUSED.get(model_type) or (f"its class (model_type {model_type!r}) is not one of "
+            why = REFUSED_MODEL_TYPES.get(model_type) or (f"its class (model_type {model_type!r}) is not one of "
                                                f"those it serves: {', '.join(c for _, c in _ATTENTION_CLASSES)}")
             raise ValueError(f"torch_mla.patch_model: {name} has an MLA kv_b_proj that patch_model "
                              f"cannot serve: {why}")
