@@ -283,3 +283,13 @@ def test_unknown_model_type_is_refused_by_from_config():
     import transformers
     with pytest.raises(ValueError, match="LlamaConfig has model_type 'llama', not an MLA family"):
         MultiHeadLatentAttention.from_config(transformers.LlamaConfig())
+
+
+def test_module_from_config_overrides_win():
+    """Keyword overrides of from_config win over the family's glue: rope_interleave (the older
+    flag) and rope_layout alike."""
+    config = make_family_config("longcat-flash")
+    assert MultiHeadLatentAttention.from_config(config).rope_layout == "interleaved"
+    assert MultiHeadLatentAttention.from_config(config, rope_interleave=False).rope_layout == "half_split"
+    assert MultiHeadLatentAttention.from_config(config, rope_layout="none").glue.rope_layout == "none"
+    assert MultiHeadLatentAttention.from_config(config).glue.q_scale == (64 / 24) ** 0.5

@@ -232,6 +232,8 @@ class MultiHeadLatentAttention(nn.Module):
             rms_norm_eps=1e-6,
             attention_bias=getattr(config, "attention_bias", False),
         )
+        if "rope_interleave" in overrides and "rope_layout" not in overrides:
+            kwargs["rope_layout"] = None  # the caller's rope_interleave decides the layout
         kwargs.update(overrides)
         return cls(**kwargs)
 

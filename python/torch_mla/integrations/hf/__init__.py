@@ -3,8 +3,9 @@
 Each MLA attention (DeepSeek-V2/V3, Sarvam, MiniCPM3, GLM-4.7-Flash, LongCat-Flash, Kimi Linear's
 MLA layers) keeps its parameters (same tensors, so optimizer state and checkpoints stay valid) and
 gets a forward that runs torch_mla's op on its latents; what differs between the families is read
-from the config into an :class:`~torch_mla.nn.glue.MlaGlue` (docs/design.md §15). transformers itself is never imported here: the classes are looked up among the modules
-the model was built from. PEFT LoRA adapters on the projections the op takes as weights are
+from the config into an :class:`~torch_mla.nn.glue.MlaGlue` (docs/design.md §15). transformers
+itself is never imported here: the classes are looked up among the modules the model was built
+from. PEFT LoRA adapters on the projections the op takes as weights are
 handled in :mod:`torch_mla.integrations.hf.peft`; the block itself runs in the one glue,
 :func:`torch_mla.nn.glue.latent_attention`.
 """
@@ -123,8 +124,9 @@ def _served_modules(model: nn.Module):
             served.append((module, _glue_of(module, name)))
         elif hasattr(module, "kv_b_proj") and not isinstance(module, MultiHeadLatentAttention):
             model_type = getattr(getattr(module, "config", None), "model_type", None)
-            why = REFUSED_MODEL_TYPES.get(model_type) or (f"its class (model_type {model_type!r}) is not one of "
-                                               f"those it serves: {', '.join(c for _, c in _ATTENTION_CLASSES)}")
+            why = REFUSED_MODEL_TYPES.get(model_type) or (
+                f"its class (model_type {model_type!r}) is not one of those it serves: "
+                f"{', '.join(c for _, c in _ATTENTION_CLASSES)}")
             raise ValueError(f"torch_mla.patch_model: {name} has an MLA kv_b_proj that patch_model "
                              f"cannot serve: {why}")
     if not served:
