@@ -144,6 +144,25 @@ def test_packed_sequences_from_flash_attention_kwargs(case):
     assert_matches(ours, ref, "packed")
 
 
+@pytest.mark.parametrize("case", ["minicpm3", "glm4-moe-lite", "longcat-flash", "kimi-linear"])
+def test_generation_with_cache_matches(case):
+    """A prefill through torch_mla writes HF's KV cache as HF does (LongCat's scaled kv_latent,
+    Kimi's unrotated k_rope, de-interleaved pairs), so HF's decode steps that read it give the
+    unpatched model's tokens and logits; the op ran on the prefill only."""
+    model = make_family_model(case, use_cache=True)
+    patched = patched_copy(case, model)
+    prompt = token_ids(seqlen=11)
+    run = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(prompt, **run)
+        with OpCounter() as ops:
+            ours = patched.generate(prompt, **run)
+    assert ops.attention_calls() == len(family_attention_layers(case, model))
+    assert torch.equal(ours.sequences, ref.sequences)
+    for step_logits, ref_logits in zip(ours.logits, ref.logits):
+        assert max_rel_err(step_logits, ref_logits) <= TOL
+
+
 def test_peft_lora_on_longcat_flash():
     """PEFT LoRA on every projection of LongCat-Flash's attention (q_b_proj and kv_b_proj, the
     op's weights, widened by their adapters; the latents scaled): logits and every trainable
