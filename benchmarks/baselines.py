@@ -84,8 +84,7 @@ class ExpandedAttention(MultiHeadLatentAttention):
         if self.context_parallel_group is not None:
             raise ValueError(f"ExpandedAttention ({self.core!r}): context parallelism is torch_mla's alone")
         cos, sin = self.rotation(hidden_states, position_ids, cu_seqlens)
-        out, _, _ = latent_attention(self, hidden_states, cos, sin, scale=self.scaling,
-                                     rope_interleave=self.rope_interleave, save="q",
+        out, _, _ = latent_attention(self, hidden_states, cos, sin, glue=self.glue, save="q",
                                      attention=ATTENTION_CORES[self.core], cu_seqlens=cu_seqlens,
                                      max_seqlen=max_seqlen)
         return out

@@ -621,3 +621,45 @@ def cuda_capability() -> int:
     major, minor = torch.cuda.get_device_capability()
     return 10 * major + minor
 
+
+
+# ---- the other MLA families of transformers (docs/design.md §15) ---------------------------------
+
+_FAMILY_COMMON = dict(HF_COMMON, q_lora_rank=24, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# name -> (config class, overrides, attention class): tiny random models, two attention layers each
+# (LongCat-Flash: one decoder layer holds two; Kimi Linear: one MLA layer after a linear one).
+FAMILY_CASES = {
+    "sarvam": ("SarvamMLAConfig", dict(first_k_dense_replace=2), "DeepseekV3Attention"),
+    "minicpm3": ("MiniCPM3Config", {}, "MiniCPM3Attention"),
+    "minicpm3-yarn": ("MiniCPM3Config", dict(rope_parameters=dict(YARN)), "MiniCPM3Attention"),
+    "glm4-moe-lite": ("Glm4MoeLiteConfig", dict(mlp_layer_types=["dense", "dense"]), "Glm4MoeLiteAttention"),
+    "glm4-moe-lite-half-rotate": ("Glm4MoeLiteConfig", dict(mlp_layer_types=["dense", "dense"], rope_interleave=False),
+                                  "Glm4MoeLiteAttention"),
+    "longcat-flash": ("LongcatFlashConfig", dict(num_layers=1, head_dim=8, ffn_hidden_size=96,
+                                                 expert_ffn_hidden_size=16, n_routed_experts=4, moe_topk=2,
+                                                 zero_expert_num=1), "LongcatFlashMLA"),
+    "kimi-linear": ("KimiLinearConfig", dict(q_lora_rank=None, layer_types=["linear_attention", "full_attention"],
+                                             mlp_layer_types=["dense", "dense"], linear_head_dim=16,
+                                             linear_num_heads=4), "KimiLinearAttention"),
+}
+
+
+def make_family_config(case: str, attn_implementation: str = "sdpa", **overrides):
+    import transformers
+    cls_name, extra, _ = FAMILY_CASES[case]
+    config = getattr(transformers, cls_name)(**{**_FAMILY_COMMON, **extra, **overrides})
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def make_family_model(case: str, dtype=torch.float32, seed: int = 0, attn_implementation: str = "sdpa",
+                      **config_overrides):
+    import transformers
+    config = make_family_config(case, attn_implementation, **config_overrides)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).to(dtype)
+
+
+def family_attention_layers(case: str, model) -> list:
+    """The MLA attention modules of a FAMILY_CASES model (its linear attention layers excluded)."""
+    return [m for m in model.modules() if type(m).__name__ == FAMILY_CASES[case][2]]

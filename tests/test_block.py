@@ -303,7 +303,7 @@ def test_empty_batches_and_sequences(lead, seqlens, head_chunks):
 
 
 BAD = {
-    "kv_a": (lambda i: dict(i, kv_a=i["kv_a"][..., :6]), "kv_a must have shape"),
+    "kv_a": (lambda i: dict(i, kv_a=i["kv_a"][..., :5]), "kv_a must have shape"),  # narrower than Dc = 6
     "kv_norm_weight": (lambda i: dict(i, kv_norm_weight=i["kv_norm_weight"][:-1]), "kv_norm_weight must have shape"),
     "q_norm_weight": (lambda i: dict(i, q_norm_weight=i["q_norm_weight"][:-1]), "q_norm_weight must have shape"),
     "wq_b": (lambda i: dict(i, wq_b=i["wq_b"][:, :-1]), "wq_b must have shape"),

@@ -79,10 +79,11 @@ torch::Tensor ref_attention(torch_mla::MultiHeadLatentAttentionImpl& m, const to
   auto q = o.q_lora_rank()
                ? ref_linear(ref_rms_norm(ref_linear(x, m.q_a_proj), m.q_a_layernorm->weight, o.rms_norm_eps()), m.q_b_proj)
                : ref_linear(x, m.q_proj);
-  q = q.unflatten(-1, {o.num_heads(), dn + dr});
+  q = q.unflatten(-1, {o.num_heads(), dn + dr}) * o.q_scale();
   const auto ckv = ref_linear(x, m.kv_a_proj_with_mqa);
-  const auto latent = ref_rms_norm(ckv.narrow(-1, 0, dc), m.kv_a_layernorm->weight, o.rms_norm_eps());
-  const auto angles = positions.to(torch::kDouble).unsqueeze(-1) * rope.inv_freq;  // (S, Dr/2)
+  const auto latent = ref_rms_norm(ckv.narrow(-1, 0, dc), m.kv_a_layernorm->weight, o.rms_norm_eps()) * o.kv_scale();
+  // Without rotary (Kimi Linear's MLA) every angle is 0: q_rope and k_rope unrotated.
+  const auto angles = positions.to(torch::kDouble).unsqueeze(-1) * rope.inv_freq * (o.rotary() ? 1 : 0);
   const auto k_rope = ref_rope(ckv.narrow(-1, dc, dr), angles, o.rope_interleave(), rope.factor);
   const auto q_rope = ref_rope(q.narrow(-1, dn, dr), angles.unsqueeze(-2), o.rope_interleave(), rope.factor);
   q = torch::cat({q.narrow(-1, 0, dn), q_rope}, -1);
@@ -177,6 +178,20 @@ TEST_CASE("MultiHeadLatentAttention forward and backward match Hugging Face's at
     CHECK(grads[i].abs().max().item<double>() > 0);
     CHECK(max_rel_err(grads[i], ref_grads[i]) <= 1e-12);
   }
+}
+
+TEST_CASE("The family glue: no RoPE part, unrotated RoPE, latent scales, in float64", "[module][glue]") {
+  // docs/design.md §15: Dr = 0 (GLM-5.3), rotary off (Kimi Linear), q and kv latents scaled
+  // (LongCat-Flash), each through every save= path, against the float64 re-implementation.
+  const int64_t dr = GENERATE(0, 6);
+  const bool rotary = GENERATE(true, false);
+  const std::string save = GENERATE("q", "q_latent", "latent");
+  CAPTURE(dr, rotary, save);
+  const auto o = small_options(true, true).qk_rope_head_dim(dr).rotary(rotary).q_scale(1.7).kv_scale(0.6).save(save);
+  auto attn = make_module(o, torch::kDouble, 0);
+  torch::manual_seed(1);
+  const auto x = torch::randn({2, 13, 32}, torch::kDouble).requires_grad_(true);
+  check_same_results(attn(x), ref_attention(*attn, x, torch::arange(13), plain_rope(o)), *attn, x);
 }
 
 TEST_CASE("The latent-only block's head groups leave the result as Hugging Face's in float64", "[module]") {

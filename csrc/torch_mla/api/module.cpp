@@ -85,9 +85,9 @@ void MultiHeadLatentAttentionImpl::reset() {
                         o.qk_nope_head_dim() > 0 && o.v_head_dim() > 0,
                     "torch_mla::MultiHeadLatentAttention: hidden_size, num_heads, kv_lora_rank, "
                     "qk_nope_head_dim and v_head_dim must be positive");
-  TORCH_CHECK_VALUE(o.qk_rope_head_dim() > 0 && o.qk_rope_head_dim() % 2 == 0,
-                    "torch_mla::MultiHeadLatentAttention: qk_rope_head_dim must be positive and "
-                    "even, got ", o.qk_rope_head_dim());
+  TORCH_CHECK_VALUE(o.qk_rope_head_dim() >= 0 && o.qk_rope_head_dim() % 2 == 0,
+                    "torch_mla::MultiHeadLatentAttention: qk_rope_head_dim must be even and >= 0, got ",
+                    o.qk_rope_head_dim());
   TORCH_CHECK_VALUE(!o.q_lora_rank() || *o.q_lora_rank() > 0,
                     "torch_mla::MultiHeadLatentAttention: q_lora_rank must be positive or None");
   TORCH_CHECK_VALUE(o.save() == "q" || o.save() == "q_latent" || o.save() == "latent",
@@ -125,13 +125,15 @@ void MultiHeadLatentAttentionImpl::pretty_print(std::ostream& stream) const {
          << (o.q_lora_rank() ? std::to_string(*o.q_lora_rank()) : "None")
          << ", kv_lora_rank=" << o.kv_lora_rank() << ", qk_nope_head_dim=" << o.qk_nope_head_dim()
          << ", qk_rope_head_dim=" << o.qk_rope_head_dim() << ", v_head_dim=" << o.v_head_dim()
-         << ", rope_interleave=" << (o.rope_interleave() ? "true" : "false") << ")";
+         << ", rope_interleave=" << (o.rope_interleave() ? "true" : "false")
+         << ", rotary=" << (o.rotary() ? "true" : "false") << ", q_scale=" << o.q_scale()
+         << ", kv_scale=" << o.kv_scale() << ")";
 }
 
 double MultiHeadLatentAttentionImpl::softmax_scale() const {
   const auto& o = options;
   double scale = 1.0 / std::sqrt(static_cast<double>(o.qk_nope_head_dim() + o.qk_rope_head_dim()));
-  if (o.rope_scaling() && o.rope_scaling()->mscale_all_dim() != 0.0) {
+  if (o.rotary() && o.rope_scaling() && o.rope_scaling()->mscale_all_dim() != 0.0) {
     const double mscale = yarn_get_mscale(o.rope_scaling()->factor(), o.rope_scaling()->mscale_all_dim());
     scale *= mscale * mscale;
   }
@@ -204,10 +206,13 @@ at::Tensor MultiHeadLatentAttentionImpl::forward(
   }
   // cos/sin as HF: angles in float32 (float64 for float64 inputs), then cast to the input dtype.
   const at::ScalarType dtype = rope_dtype(hidden_states.scalar_type());
-  const at::Tensor angles =
-      positions.to(dtype).unsqueeze(-1) * rope_inv_freq(dtype, hidden_states.device());
+  // Without rotary, angle 0 and factor 1: every rotation below is the identity, exactly.
+  const at::Tensor angles = positions.to(dtype).unsqueeze(-1) * rope_inv_freq(dtype, hidden_states.device()) *
+                            (o.rotary() ? 1 : 0);
   const at::Tensor emb = at::cat({angles, angles}, -1);
-  const double factor = rope_attention_factor();
+  const double factor = o.rotary() ? rope_attention_factor() : 1.0;
+  // q_scale multiplies every logit q·k, so it folds exactly into the softmax scale.
+  const double op_scale = softmax_scale() * o.q_scale();
   const at::Tensor cos = (emb.cos() * factor).to(hidden_states.scalar_type());
   const at::Tensor sin = (emb.sin() * factor).to(hidden_states.scalar_type());
 
@@ -226,12 +231,14 @@ at::Tensor MultiHeadLatentAttentionImpl::forward(
     return mla_attention_block(
         o.q_lora_rank() ? q_a_proj(hidden_states) : hidden_states,
         o.q_lora_rank() ? std::optional<at::Tensor>(q_a_layernorm->weight) : std::nullopt, wq_b, compressed_kv,
-        kv_a_layernorm->weight, kv_b_proj->weight, o_proj->weight,
-        o_proj->bias.defined() ? std::optional<at::Tensor>(o_proj->bias) : std::nullopt, half_cos, half_sin,
-        o.num_heads(), softmax_scale(), o.q_lora_rank() ? q_a_layernorm->eps : 1e-6, kv_a_layernorm->eps,
+        // The block normalises inside: kv_scale goes on the norm weight it takes.
+        o.kv_scale() != 1.0 ? kv_a_layernorm->weight * o.kv_scale() : kv_a_layernorm->weight, kv_b_proj->weight,
+        o_proj->weight, o_proj->bias.defined() ? std::optional<at::Tensor>(o_proj->bias) : std::nullopt, half_cos,
+        half_sin, o.num_heads(), op_scale, o.q_lora_rank() ? q_a_layernorm->eps : 1e-6, kv_a_layernorm->eps,
         /*causal=*/true, o.rope_interleave(), cu, max_seqlen, "auto", o.head_chunks());
   }
-  const at::Tensor kv_latent = kv_a_layernorm(compressed_kv.narrow(-1, 0, o.kv_lora_rank()));
+  at::Tensor kv_latent = kv_a_layernorm(compressed_kv.narrow(-1, 0, o.kv_lora_rank()));
+  if (o.kv_scale() != 1.0) kv_latent = kv_latent * o.kv_scale();
   const at::Tensor k_rope_raw = compressed_kv.narrow(-1, o.kv_lora_rank(), dim_rope);
   const at::Tensor c_q = o.q_lora_rank() ? q_a_layernorm(q_a_proj(hidden_states)) : hidden_states;
   at::Tensor out;
@@ -241,7 +248,7 @@ at::Tensor MultiHeadLatentAttentionImpl::forward(
     at::Tensor lse, maxes;
     std::tie(out, lse, maxes) =
         mla_attention_q_latent(c_q, wq_b, half_cos, half_sin, kv_latent, k_rope, kv_b_proj->weight, o.num_heads(),
-                               softmax_scale(), /*causal=*/true, o.rope_interleave(), cu, max_seqlen, "auto",
+                               op_scale, /*causal=*/true, o.rope_interleave(), cu, max_seqlen, "auto",
                                o.record_max_logits());
     if (o.record_max_logits()) max_logits = maxes;
   } else {
@@ -253,7 +260,7 @@ at::Tensor MultiHeadLatentAttentionImpl::forward(
                                          sin.unsqueeze(-2), o.rope_interleave());
     q = at::cat({q.narrow(-1, 0, dim_nope), q_rope}, -1);
     const MlaOptions attention =
-        MlaOptions().softmax_scale(softmax_scale()).causal(true).cu_seqlens(cu).max_seqlen(max_seqlen);
+        MlaOptions().softmax_scale(op_scale).causal(true).cu_seqlens(cu).max_seqlen(max_seqlen);
     if (o.record_max_logits()) {
       std::tie(out, max_logits) = mla_attention_with_max_logits(q, kv_latent, k_rope, kv_b_proj->weight, attention);
     } else {

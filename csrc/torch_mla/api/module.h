@@ -60,12 +60,19 @@ struct MultiHeadLatentAttentionOptions {
   TORCH_ARG(std::optional<int64_t>, q_lora_rank) = 1536;
   TORCH_ARG(int64_t, kv_lora_rank) = 512;      // Dc
   TORCH_ARG(int64_t, qk_nope_head_dim) = 128;  // Dn
-  TORCH_ARG(int64_t, qk_rope_head_dim) = 64;   // Dr
+  TORCH_ARG(int64_t, qk_rope_head_dim) = 64;   // Dr (0: no RoPE part, GLM-5.3's NoPE MLA)
   TORCH_ARG(int64_t, v_head_dim) = 128;        // Dv
   TORCH_ARG(double, rope_theta) = 10000.0;
   TORCH_ARG(std::optional<YarnScaling>, rope_scaling) = std::nullopt;
   // true: rotate adjacent pairs (DeepSeek-V3's rope_interleave=True); false: rotate halves.
   TORCH_ARG(bool, rope_interleave) = true;
+  // The family glue (docs/design.md §15), as Python's MlaGlue. false: q_rope and k_rope enter
+  // unrotated and the softmax scale is plain (Kimi Linear's MLA layers).
+  TORCH_ARG(bool, rotary) = true;
+  // Factors on q (all of it) and on the normed kv_latent before attention; k_rope is not scaled
+  // (LongCat-Flash: (hidden_size / q_lora_rank)^0.5 and (hidden_size / kv_lora_rank)^0.5).
+  TORCH_ARG(double, q_scale) = 1.0;
+  TORCH_ARG(double, kv_scale) = 1.0;
   TORCH_ARG(double, rms_norm_eps) = 1e-6;
   // Bias on q_a_proj, kv_a_proj_with_mqa and o_proj (never on q_proj, q_b_proj, kv_b_proj).
   TORCH_ARG(bool, attention_bias) = false;
@@ -100,7 +107,8 @@ class MultiHeadLatentAttentionImpl : public torch::nn::Cloneable<MultiHeadLatent
       const std::optional<at::Tensor>& cu_seqlens = std::nullopt,
       int64_t max_seqlen = 0);
 
-  // (Dn+Dr)^-0.5, times yarn_get_mscale(factor, mscale_all_dim)^2 with YaRN.
+  // (Dn+Dr)^-0.5, times yarn_get_mscale(factor, mscale_all_dim)^2 with YaRN (and rotary); the op
+  // takes it times q_scale.
   double softmax_scale() const;
   // RoPE inverse frequencies (Dr/2,) as Hugging Face computes them (YaRN-blended when set), in
   // `dtype` (float32 as HF for every input dtype but float64).

@@ -126,11 +126,11 @@ void check_block_inputs(const BlockArgs& a) {
   }
   TORCH_CHECK_VALUE(wkv_b.dim() == 2, kOp, "wkv_b must have shape (H*(Dn+Dv), Dc), got shape ", wkv_b.sym_sizes());
   const c10::SymInt dim_latent = wkv_b.sym_size(1);
-  bool kv_ok = kv_a.dim() == rank && kv_a.sym_size(-1) > dim_latent;
+  bool kv_ok = kv_a.dim() == rank && kv_a.sym_size(-1) >= dim_latent;  // Dr = 0: NoPE MLA
   for (int64_t i = 0; kv_ok && i < rank - 1; ++i) kv_ok = kv_a.sym_size(i) == q_a.sym_size(i);
   TORCH_CHECK_VALUE(kv_ok, kOp, "kv_a must have shape ", varlen ? "(T, Dc+Dr)" : "(B, S, Dc+Dr)",
                     " matching q_a ", q_a.sym_sizes(), " with Dc = ", dim_latent,
-                    " (wkv_b's last dimension) and Dr >= 1, got shape ", kv_a.sym_sizes());
+                    " (wkv_b's last dimension) and Dr >= 0, got shape ", kv_a.sym_sizes());
   const c10::SymInt dim_rope = kv_a.sym_size(-1) - dim_latent;
   check_q_latent_inputs(q_a, wq_b, cos, sin, kv_a.narrow_symint(-1, dim_latent, dim_rope), num_heads,
                         cu_seqlens, kOp, "q_a");

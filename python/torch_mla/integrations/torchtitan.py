@@ -27,7 +27,7 @@ except ImportError as e:  # the package does not depend on torchtitan; this modu
     raise ImportError("torch_mla.integrations.torchtitan needs torchtitan "
                       "(pip install torchtitan==0.3.0)") from e
 
-from ..nn.glue import Projections, latent_attention
+from ..nn.glue import MlaGlue, Projections, latent_attention
 
 __all__ = ["TorchMLAAttention", "TorchMLAConverter", "TorchMLASelectiveAC", "torch_mla_save_ops"]
 
@@ -78,6 +78,9 @@ class TorchMLAAttention(Attention):
                                    "model whose wkv_b (and wq_b) are torchtitan Linear")
             if linear.bias is not None:
                 raise _unsupported(f"{name} with bias", "the op's up-projections have no bias")
+        # DeepSeek-V3's glue (docs/design.md §15): ComplexRoPE pairs adjacent dimensions.
+        self.glue = MlaGlue(qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
+                            v_head_dim=self.v_head_dim, rope_layout="interleaved", softmax_scale=self.softmax_scale)
 
     def parallelize(self, parallel_dims) -> None:
         if parallel_dims.cp_enabled:
@@ -134,7 +137,7 @@ class TorchMLAAttention(Attention):
             x, cos, sin = (t.reshape(batch * seqlen, t.shape[-1]) for t in (x, cos, sin))
         # The one glue, on torchtitan's submodules; under tensor parallelism (spmd_types) they hold
         # this rank's shards as plain tensors, so the op runs the local heads.
-        out, _, _ = latent_attention(self, x, cos, sin, scale=self.softmax_scale, rope_interleave=True,
+        out, _, _ = latent_attention(self, x, cos, sin, glue=self.glue,
                                      save="q" if self.q_lora_rank == 0 else "q_latent",
                                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, projections=self._projections())
         return out.view(batch, seqlen, -1)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..distributed import context_parallel_mla_attention, shard_positions
 from ..ops import mla_attention, rms_norm
-from .glue import latent_attention
+from .glue import ROPE_LAYOUTS, MlaGlue, latent_attention
 from .rope import rope_cos_sin, rope_frequencies, rope_type, softmax_scale
 
 
@@ -71,7 +71,8 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, tokens: int) -> torch.Te
 
 
 class MultiHeadLatentAttention(nn.Module):
-    """DeepSeek-V2/V3 Multi-Head Latent Attention (causal), with torch_mla's op inside.
+    """Multi-Head Latent Attention (causal) of DeepSeek-V2/V3 and the other MLA families
+    (:meth:`from_config`), with torch_mla's op inside.
 
     Parameters are named as Hugging Face's ``DeepseekV2Attention`` / ``DeepseekV3Attention``
     (``q_a_proj, q_a_layernorm, q_b_proj`` or ``q_proj``, ``kv_a_proj_with_mqa, kv_a_layernorm,
@@ -87,6 +88,10 @@ class MultiHeadLatentAttention(nn.Module):
             ``"yarn"`` with ``factor``, ``original_max_position_embeddings``, ``mscale``,
             ``mscale_all_dim``, ``beta_fast``, ``beta_slow``...), None for plain RoPE.
         rope_interleave: rotate adjacent pairs (DeepSeek's layout) rather than halves.
+        rope_layout: one of :data:`torch_mla.nn.glue.ROPE_LAYOUTS` ("interleaved", "half_split",
+            "none": no rotation, Kimi Linear's MLA); None: from rope_interleave.
+        q_scale, kv_scale: factors on q and on the normed kv_latent (LongCat-Flash's
+            ``(hidden / rank) ** 0.5``), as :class:`torch_mla.nn.glue.MlaGlue`'s.
         rms_norm_eps: eps of ``q_a_layernorm`` and ``kv_a_layernorm``.
         attention_bias: biases on ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``o_proj`` (as HF).
         save_q_latent: save q's latent (Lq values per token; the hidden states when q_lora_rank
@@ -122,6 +127,9 @@ class MultiHeadLatentAttention(nn.Module):
         rope_theta: float = 10000.0,
         rope_scaling: Optional[Mapping[str, Any]] = None,
         rope_interleave: bool = True,
+        rope_layout: Optional[str] = None,
+        q_scale: float = 1.0,
+        kv_scale: float = 1.0,
         rms_norm_eps: float = 1e-6,
         attention_bias: bool = False,
         save_q_latent: bool = True,
@@ -132,8 +140,10 @@ class MultiHeadLatentAttention(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {qk_rope_head_dim}")
+        if rope_layout is None:
+            rope_layout = "interleaved" if rope_interleave else "half_split"
+        elif rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS} or None, got {rope_layout!r}")
         factory = dict(device=device, dtype=dtype)
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -145,7 +155,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         self.rope_theta = rope_theta
         self.rope_scaling = dict(rope_scaling) if rope_scaling else None
-        self.rope_interleave = rope_interleave
+        self.rope_layout = rope_layout
+        self.rope_interleave = rope_layout == "interleaved"
         #: A process group to split the sequence over (torch_mla.distributed): hidden_states
         #: then hold this rank's share as laid out by ``shard_sequence``.
         self.context_parallel_group = None
@@ -154,7 +165,11 @@ class MultiHeadLatentAttention(nn.Module):
         self.max_logits: Optional[torch.Tensor] = None
         self.save = resolve_save(save, save_q_latent)
         self.head_chunks = check_head_chunks(head_chunks)
-        self.scaling = softmax_scale(self.qk_head_dim, self.rope_scaling)
+        self.scaling = softmax_scale(self.qk_head_dim, self.rope_scaling if rope_layout != "none" else None)
+        #: The family description the one glue runs (docs/design.md §15); checks the head dims.
+        self.glue = MlaGlue(qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
+                            v_head_dim=v_head_dim, rope_layout=rope_layout, softmax_scale=self.scaling,
+                            q_scale=q_scale, kv_scale=kv_scale)
 
         if q_lora_rank is None:
             self.q_proj = nn.Linear(hidden_size, num_heads * self.qk_head_dim, bias=False, **factory)
@@ -186,12 +201,14 @@ class MultiHeadLatentAttention(nn.Module):
 
     @classmethod
     def from_config(cls, config, **overrides) -> "MultiHeadLatentAttention":
-        """From a transformers ``DeepseekV2Config`` / ``DeepseekV3Config`` (or any object with
-        their attribute names); keyword arguments override.
+        """From a transformers MLA config — DeepSeek-V2/V3, Sarvam, MiniCPM3, GLM-4.7-Flash,
+        LongCat-Flash, Kimi Linear — its family read by :meth:`MlaGlue.from_config` (RoPE layout,
+        latent scales; ValueError for other model types); keyword arguments override.
 
-        The norms get eps 1e-6, as HF's DeepSeek attention builds them (it does not use
+        The norms get eps 1e-6, as HF's attentions build them (they do not use
         ``config.rms_norm_eps``, which is the decoder layers' eps).
         """
+        glue = MlaGlue.from_config(config, owner=type(config).__name__)
         rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
         theta = rope.pop("rope_theta", None) or getattr(config, "rope_theta", 10000.0)
         scaling = rope if rope_type(rope) != "default" else None
@@ -209,11 +226,14 @@ class MultiHeadLatentAttention(nn.Module):
             v_head_dim=config.v_head_dim,
             rope_theta=theta,
             rope_scaling=scaling,
-            # DeepSeek-V2's complex rotary pairs adjacent dimensions; it has no such option.
-            rope_interleave=getattr(config, "rope_interleave", True),
+            rope_layout=glue.rope_layout,
+            q_scale=glue.q_scale,
+            kv_scale=glue.kv_scale,
             rms_norm_eps=1e-6,
             attention_bias=getattr(config, "attention_bias", False),
         )
+        if "rope_interleave" in overrides and "rope_layout" not in overrides:
+            kwargs["rope_layout"] = None  # the caller's rope_interleave decides the layout
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -252,7 +272,7 @@ class MultiHeadLatentAttention(nn.Module):
             attention = functools.partial(_context_parallel_core, group=self.context_parallel_group)
         cos, sin = self.rotation(hidden_states, position_ids, cu_seqlens)
         out, _, _ = latent_attention(
-            self, hidden_states, cos, sin, scale=self.scaling, rope_interleave=self.rope_interleave, save=save,
+            self, hidden_states, cos, sin, glue=self.glue, save=save,
             attention=attention, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return out
 
@@ -274,5 +294,5 @@ class MultiHeadLatentAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, "
                 f"kv_lora_rank={self.kv_lora_rank}, head_dims=(nope {self.qk_nope_head_dim}, "
-                f"rope {self.qk_rope_head_dim}, v {self.v_head_dim}), rope_interleave={self.rope_interleave}, "
+                f"rope {self.qk_rope_head_dim}, v {self.v_head_dim}), rope_layout={self.rope_layout!r}, "
                 f"save={self.save!r}")

@@ -1,9 +1,11 @@
-"""One line for Hugging Face transformers' DeepSeek-V2/V3 models: ``torch_mla.patch_model(model)``.
+"""One line for Hugging Face transformers' MLA models: ``torch_mla.patch_model(model)``.
 
-Each ``DeepseekV2Attention`` / ``DeepseekV3Attention`` keeps its parameters (same tensors, so
-optimizer state and checkpoints stay valid) and gets a forward that runs torch_mla's op on its
-latents. transformers itself is never imported here: the classes are looked up among the modules
-the model was built from. PEFT LoRA adapters on the projections the op takes as weights are
+Each MLA attention (DeepSeek-V2/V3, Sarvam, MiniCPM3, GLM-4.7-Flash, LongCat-Flash, Kimi Linear's
+MLA layers) keeps its parameters (same tensors, so optimizer state and checkpoints stay valid) and
+gets a forward that runs torch_mla's op on its latents; what differs between the families is read
+from the config into an :class:`~torch_mla.nn.glue.MlaGlue` (docs/design.md §15). transformers
+itself is never imported here: the classes are looked up among the modules the model was built
+from. PEFT LoRA adapters on the projections the op takes as weights are
 handled in :mod:`torch_mla.integrations.hf.peft`; the block itself runs in the one glue,
 :func:`torch_mla.nn.glue.latent_attention`.
 """
@@ -16,13 +18,18 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-from ...nn.attention import check_head_chunks, resolve_save
-from ...nn.glue import latent_attention
+from ...nn.attention import MultiHeadLatentAttention, check_head_chunks, resolve_save
+from ...nn.glue import REFUSED_MODEL_TYPES, MlaGlue, latent_attention
 from .peft import check_adapters, projections_for
 
+# The attention classes patch_model serves (Sarvam's models are built from DeepSeek-V3's).
 _ATTENTION_CLASSES = (
     ("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2Attention"),
     ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3Attention"),
+    ("transformers.models.minicpm3.modeling_minicpm3", "MiniCPM3Attention"),
+    ("transformers.models.glm4_moe_lite.modeling_glm4_moe_lite", "Glm4MoeLiteAttention"),
+    ("transformers.models.longcat_flash.modeling_longcat_flash", "LongcatFlashMLA"),
+    ("transformers.models.kimi_linear.modeling_kimi_linear", "KimiLinearAttention"),
 )
 
 _MASK_HELP = ("torch_mla supports causal attention over whole rows, packed sequences (a "
@@ -41,7 +48,15 @@ def _attention_classes() -> Tuple[type, ...]:
 
 def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[str] = None,
                 head_chunks: Optional[int] = None) -> int:
-    """Routes every DeepSeek-V2/V3 attention of a transformers model through torch_mla.
+    """Routes every MLA attention of a transformers model through torch_mla: DeepSeek-V2/V3 and
+    Sarvam, MiniCPM3, GLM-4.7-Flash, LongCat-Flash, and Kimi Linear's MLA layers (its linear
+    attention layers are left alone). Each family's glue (RoPE layout, latent scales, softmax
+    scale) is read from the config by :meth:`torch_mla.nn.glue.MlaGlue.from_config`.
+
+    ValueError, before anything is patched, when the model has no MLA attention, or an attention
+    with a ``kv_b_proj`` that patch_model cannot serve (another class, DeepSeek Sparse Attention,
+    a sliding window, a bias on a projection the op takes as a weight), naming the class and the
+    setting.
 
     The attention modules keep their parameters; only their forward changes. Supported inputs:
     causal attention (``attention_mask`` None, all ones, or HF's causal mask), packed sequences
@@ -67,24 +82,21 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[
     that writes a KV cache runs as ``"q_latent"`` (the cache takes the latents, which the block op
     does not return), and no PEFT adapter on q_b_proj/q_proj, kv_b_proj or o_proj is honoured.
     head_chunks: with ``"latent"``, the block's number of head groups, as MultiHeadLatentAttention's.
-    Returns the number of attention modules patched by this call (already patched ones are skipped).
+    Returns the number of attention modules patched by this call (already patched ones are
+    skipped: a second call returns 0).
     """
     save = resolve_save(save, save_q_latent)
     head_chunks = check_head_chunks(head_chunks)
-    classes = _attention_classes()
+    served = _served_modules(model)
+    for module, _ in served:
+        if not getattr(module, "_torch_mla_patched", False):
+            check_adapters(module, save)
     count = 0
-    for module in model.modules() if classes else ():
-        if not isinstance(module, classes) or getattr(module, "_torch_mla_patched", False):
+    for module, glue in served:
+        if getattr(module, "_torch_mla_patched", False):
             continue
         config = module.config
-        if getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", False):
-            raise ValueError("torch_mla.patch_model: sliding-window attention is not supported")
-        for name in ("q_proj", "q_b_proj", "kv_b_proj"):  # weights the op takes without a bias
-            linear = getattr(module, name, None)
-            bias = getattr(getattr(linear, "base_layer", linear), "bias", None)
-            if bias is not None:
-                raise ValueError(f"torch_mla.patch_model: {name} has a bias, which the op does not take")
-        check_adapters(module, save)
+        module._torch_mla_glue = glue
         module._torch_mla_patched = True
         module._torch_mla_save = save
         module.head_chunks = head_chunks
@@ -97,6 +109,46 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[
             "makes the mask torch_mla reads and runs the calls the op cannot serve "
             "(output_attentions=True, queries attending to a KV cache)"))
     return count
+
+
+def _served_modules(model: nn.Module):
+    """[(attention, its MlaGlue)] of every MLA attention in `model`; ValueError naming the class
+    and the setting for an MLA-looking one (it has a ``kv_b_proj``) that cannot be served, or
+    when there is none at all."""
+    classes = _attention_classes()
+    served = []
+    for module in model.modules():
+        name = type(module).__name__
+        if type(module) in classes:
+            # An exact class: a subclass may change what its forward computes.
+            served.append((module, _glue_of(module, name)))
+        elif hasattr(module, "kv_b_proj") and not isinstance(module, MultiHeadLatentAttention):
+            model_type = getattr(getattr(module, "config", None), "model_type", None)
+            why = REFUSED_MODEL_TYPES.get(model_type) or (
+                f"its class (model_type {model_type!r}) is not one of those it serves: "
+                f"{', '.join(c for _, c in _ATTENTION_CLASSES)}")
+            raise ValueError(f"torch_mla.patch_model: {name} has an MLA kv_b_proj that patch_model "
+                             f"cannot serve: {why}")
+    if not served:
+        raise ValueError(f"torch_mla.patch_model: {type(model).__name__} has no MLA attention to patch "
+                         f"(served: {', '.join(c for _, c in _ATTENTION_CLASSES)}); nothing would run "
+                         "through torch_mla")
+    return served
+
+
+def _glue_of(module: nn.Module, name: str) -> MlaGlue:
+    """The glue of a served attention, its settings checked; ValueError naming class and setting."""
+    config = module.config
+    glue = MlaGlue.from_config(config, owner=name)
+    if getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", False):
+        raise ValueError(f"torch_mla.patch_model: {name}: sliding-window attention "
+                         f"(config.sliding_window = {getattr(config, 'sliding_window', None)}) is not supported")
+    for proj in ("q_proj", "q_b_proj", "kv_b_proj"):  # weights the op takes without a bias
+        linear = getattr(module, proj, None)
+        bias = getattr(getattr(linear, "base_layer", linear), "bias", None)
+        if bias is not None:
+            raise ValueError(f"torch_mla.patch_model: {name}: {proj} has a bias, which the op does not take")
+    return glue
 
 
 _warned = set()
@@ -131,9 +183,9 @@ def _fallback_reason(attn, seqlen: int, cache, kwargs) -> Optional[str]:
 
 def _forward(self, hidden_states, *, position_embeddings=None, attention_mask=None, cache=None,
              **kwargs):
-    """The patched forward of a DeepseekV2Attention / DeepseekV3Attention (same call, same
-    returns: (output, None) — attention weights are never materialised; a call that asks for
-    them runs the original forward)."""
+    """The patched forward of a served attention (same call, same returns: (output, None) —
+    attention weights are never materialised; a call that asks for them runs the original
+    forward)."""
     cache = cache if cache is not None else kwargs.pop("past_key_values", None)
     batch, seqlen = hidden_states.shape[:2]
     reason = _fallback_reason(self, seqlen, cache, kwargs)
@@ -148,8 +200,9 @@ def _forward(self, hidden_states, *, position_embeddings=None, attention_mask=No
                        "(a decode step or a static cache), which the op does not cover: such calls "
                        f"run the model's own attention ({implementation!r}), without torch_mla's "
                        "memory saving; train without a cache (use_cache=False)")
-        return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
-                                  attention_mask=attention_mask, cache=cache, **kwargs)
+        if position_embeddings is not None:  # Kimi Linear's MLA forward takes none
+            kwargs["position_embeddings"] = position_embeddings
+        return type(self).forward(self, hidden_states, attention_mask=attention_mask, cache=cache, **kwargs)
     if self.training and self.attention_dropout > 0:
         raise ValueError("torch_mla.patch_model: attention dropout is not supported "
                          f"(config.attention_dropout = {self.attention_dropout})")
@@ -162,20 +215,17 @@ def _forward(self, hidden_states, *, position_embeddings=None, attention_mask=No
     elif attention_mask is not None:
         layout = _sequences_from_mask(attention_mask, batch, seqlen)
 
-    cos, sin, interleave, hf_deinterleaves = _rotation(self, position_embeddings)
-    half = self.qk_rope_head_dim // 2
-    cos, sin = cos.expand(batch, seqlen, half), sin.expand(batch, seqlen, half)
+    glue = self._torch_mla_glue
+    cos, sin = _rotation(glue, position_embeddings, batch, seqlen)
     save = self._torch_mla_save
     if save == "latent" and cache is not None:
         save = "q_latent"  # the cache takes kv_latent and k_rope, which the block op does not return
-    run = dict(scale=self.scaling, rope_interleave=interleave, save=save, projections=projections_for(self, save))
+    run = dict(glue=glue, save=save, projections=projections_for(self, save))
     tokens = batch * seqlen
     if layout.cu_seqlens is None:
         out, kv_latent, k_rope = latent_attention(self, hidden_states, cos, sin, **run)
     else:
-        x, cos, sin = (t.reshape(tokens, t.shape[-1]) for t in (hidden_states, cos, sin))
-        if layout.indices is not None:  # unpad: only the real tokens go through
-            x, cos, sin = (t.index_select(0, layout.indices) for t in (x, cos, sin))
+        x, cos, sin = (_real_tokens(t, layout, tokens) for t in (hidden_states, cos, sin))
         out, kv_latent, k_rope = latent_attention(
             self, x, cos, sin, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen, **run)
         if layout.indices is not None:  # pad back, zeros at padded positions
@@ -185,7 +235,7 @@ def _forward(self, hidden_states, *, position_embeddings=None, attention_mask=No
         out = out.view(batch, seqlen, -1)
 
     if cache is not None:
-        if hf_deinterleaves:
+        if glue.rope_cache_deinterleaved:
             # HF's decode steps read k_rope from the cache in the layout its rotary writes.
             k_rope = torch.cat((k_rope[..., 0::2], k_rope[..., 1::2]), dim=-1)
         cache.update(kv_latent.reshape(batch, 1, seqlen, -1), k_rope.reshape(batch, 1, seqlen, -1),
@@ -208,17 +258,28 @@ class _PadBack(torch.autograd.Function):
         return grad.index_select(0, indices), None, None
 
 
-def _rotation(attn, position_embeddings) -> Tuple[torch.Tensor, torch.Tensor, bool, bool]:
-    """From the model's own rotary embedding: cos, sin (B or 1, S, Dr/2), whether pairs are
-    adjacent, and whether HF writes the rotated adjacent pairs de-interleaved
-    (``[evens | odds]``, DeepSeek-V3's ``rope_interleave``). DeepSeek-V3 passes (cos, sin) of
-    width Dr (two equal halves), DeepSeek-V2 a complex ``freqs_cis`` of width Dr/2."""
+def _rotation(glue: MlaGlue, position_embeddings, batch: int, seqlen: int
+              ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """cos, sin (B, S, Dr/2) from the model's own rotary embedding; (None, None) without RoPE
+    (Kimi Linear's MLA gets no position embeddings; the glue rotates by the identity).
+    DeepSeek-V2 passes a complex ``freqs_cis`` of width Dr/2, the others (cos, sin) of width Dr
+    (two equal halves)."""
+    if glue.rope_layout == "none":
+        return None, None
     if torch.is_tensor(position_embeddings) and torch.is_complex(position_embeddings):
-        return position_embeddings.real, position_embeddings.imag, True, False
-    cos, sin = position_embeddings
-    half = attn.qk_rope_head_dim // 2
-    interleave = bool(attn.config.rope_interleave)
-    return cos[..., :half], sin[..., :half], interleave, interleave
+        cos, sin = position_embeddings.real, position_embeddings.imag
+    else:
+        cos, sin = (t[..., :glue.qk_rope_head_dim // 2] for t in position_embeddings)
+    return cos.expand(batch, seqlen, -1), sin.expand(batch, seqlen, -1)
+
+
+def _real_tokens(t: Optional[torch.Tensor], layout: "_Layout", tokens: int) -> Optional[torch.Tensor]:
+    """t (B, S, ...) as (T, ...): the B·S tokens, unpadded to the real ones when layout has
+    indices; None stays None."""
+    if t is None:
+        return None
+    t = t.reshape(tokens, t.shape[-1])
+    return t if layout.indices is None else t.index_select(0, layout.indices)
 
 
 class _Layout(NamedTuple):
