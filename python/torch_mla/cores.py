@@ -9,17 +9,19 @@ Deprecated for one release: :func:`use_backend` and ``explain(backend=...)`` (us
 and ``core=``), and the core name ``"kernels"`` (now ``"cuda"``).
 """
 import contextlib
-import contextvars
 import functools
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-# Per thread and per asyncio task (a context variable, not a module global): a use_core block in
-# one thread does not change the core another thread's calls run on.
-_current: contextvars.ContextVar[str] = contextvars.ContextVar("torch_mla_core", default="auto")
+# Per thread (not a module global): a use_core block in one thread does not change the core another
+# thread's calls run on. A threading.local rather than a ContextVar: torch.compile traces its read
+# and guards on the value on torch 2.11 and 2.14, while torch 2.11's Dynamo cannot trace
+# ContextVar.get (fullgraph=True failed there; the GPU machine runs 2.11).
+_local = threading.local()
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,26 +40,26 @@ def _core_name(name: str, who: str, stacklevel: int) -> str:
 
 
 def current_core() -> str:
-    """The core the functional ops pass on: the innermost :func:`use_core` of this thread or
-    context, else ``"auto"``."""
-    return _current.get()
+    """The core the functional ops pass on: the innermost :func:`use_core` of this thread, else
+    ``"auto"``."""
+    return getattr(_local, "core", "auto")
 
 
 def _use(name: str, who: str):
     name = _core_name(name, who, stacklevel=4)
     if name != "auto" and name not in names():
         raise ValueError(f"{who}: name must be 'auto' or one of {', '.join(names())}, got {name!r}")
-    token = _current.set(name)
+    previous, _local.core = current_core(), name
     try:
         yield
     finally:
-        _current.reset(token)
+        _local.core = previous
 
 
 @contextlib.contextmanager
 def use_core(name: str) -> Iterator[None]:
     """Runs torch_mla's ops inside the block on the core ``name`` (or ``"auto"``), in this thread
-    or context only.
+    only.
 
     A core that cannot serve a call raises a ValueError naming why and which cores could. Enter it
     outside a ``torch.compile``'d function: the choice is fixed when the function is traced.
