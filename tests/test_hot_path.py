@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 import torch_mla
 from torch_mla.distributed import context_parallel_mla_attention, shard_sequence
-from support import MINICPM3, SMALL, check_results, cu_seqlens_of, make_inputs, run_ranks, run_with_grads
+from support import (MINICPM3, SMALL, check_results, cu_seqlens_of, make_inputs, q_latent_inputs, q_latent_op,
+                     run_ranks, run_with_grads)
 
 ops = torch.ops.torch_mla
 SEQLENS = [5, 9, 0, 2]
@@ -127,6 +128,22 @@ def test_one_selection_per_call():
     with Counted() as n:
         torch_mla.mla_attention_block(**block, num_heads=4, cu_seqlens=cu, head_chunks=4).sum().backward()
     assert n.selections == 1
+    q_latent = {k: v.requires_grad_(True) for k, v in q_latent_inputs((sum(SEQLENS),)).items()}
+    with Counted() as n:
+        q_latent_op(**q_latent, rope_interleave=True, cu_seqlens=cu).sum().backward()
+    assert n.selections == 1
+
+
+def test_device_kernel_checks_without_the_autograd_layer():
+    """In inference mode the Autograd kernel does not run: the device kernel checks on its own, and
+    a checked call's token is not left for it (the same tensors, reshaped to a bad rank, raise)."""
+    inputs, cu = make_inputs(SMALL, seqlens=SEQLENS, requires_grad=False)
+    torch_mla.mla_attention(**inputs, cu_seqlens=cu)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match=r"q must have shape \(T, H, Dn\+Dr\) \(packed"):
+            torch_mla.mla_attention(**{**inputs, "q": inputs["q"].flatten(1)}, cu_seqlens=cu)
+        with pytest.raises(ValueError, match=r"k_rope must have shape \(T, Dr\) with T \(from q\)"):
+            torch_mla.mla_attention(**{**inputs, "k_rope": inputs["k_rope"][1:]}, cu_seqlens=cu)
 
 
 def _cp_keeps_the_forward_core(rank, world):
