@@ -46,6 +46,20 @@ def test_packed_simt_reads_cu_seqlens_only_without_max_seqlen(max_seqlen, reads)
     check_results(results, inputs, cu_seqlens=cu)
 
 
+def test_simt_max_logits_read_nothing(mla_env):
+    """The kernels return max_logits themselves: no host read. The shared fallback, forced, reads
+    cu_seqlens and its row flags (docs/design.md §12.2)."""
+    inputs, cu = simt_inputs()
+    with torch_mla.use_core("simt"), torch.no_grad():
+        with Counted() as n:
+            torch_mla.mla_attention(**inputs, cu_seqlens=cu, max_seqlen=max(SEQLENS), return_max_logits=True)
+        assert n.reads == 0
+        mla_env.setenv("TORCH_MLA_MAX_LOGITS", "recompute")
+        with Counted() as n:
+            torch_mla.mla_attention(**inputs, cu_seqlens=cu, max_seqlen=max(SEQLENS), return_max_logits=True)
+        assert n.reads == 2
+
+
 @pytest.mark.parametrize("max_seqlen, reads", [(max(SEQLENS), 0), (None, 1)], ids=["given", "not-given"])
 def test_packed_simt_forward_alone(max_seqlen, reads):
     """Without the autograd layer (inference_mode) the device kernel learns max_seqlen itself."""

@@ -19,15 +19,15 @@ void check_max_seqlen_arg(const c10::SymInt& max_seqlen) {
                     "length of the longest sequence or more, got ", max_seqlen);
 }
 
-at::Tensor read_cu_seqlens(const at::Tensor& cu_seqlens) {
+at::Tensor read_on_host(const at::Tensor& t) {
   ++reads;
-  return cu_seqlens.to(at::kCPU).contiguous();
+  return t.to(at::kCPU).contiguous();
 }
 
 int64_t host_reads() { return reads.load(); }
 
 int64_t learn_max_seqlen(const at::Tensor& cu_seqlens, int64_t tokens) {
-  return check_cu_seqlens_values(read_cu_seqlens(cu_seqlens), tokens, 0);
+  return check_cu_seqlens_values(read_on_host(cu_seqlens), tokens, 0);
 }
 
 c10::SymInt known_max_seqlen(const std::optional<at::Tensor>& cu_seqlens, const c10::SymInt& tokens,
@@ -58,7 +58,7 @@ Sequences make_sequences(const MlaDims& d, const std::optional<at::Tensor>& cu_s
       s.longest = max_seqlen;
       return s;
     }
-    const at::Tensor cu_host = read_cu_seqlens(*cu_seqlens);
+    const at::Tensor cu_host = read_on_host(*cu_seqlens);
     s.longest = check_cu_seqlens_values(cu_host, s.tokens, max_seqlen);
     const int32_t* v = cu_host.data_ptr<int32_t>();
     s.spans.reserve(s.count);

@@ -28,7 +28,7 @@ struct Sequences {
 
 // Builds the list and applies the max_seqlen policy (docs/design.md §3.2): 0 means "not given", a
 // positive value must bound every sequence (ValueError otherwise), a negative one is a ValueError.
-// A packed call reads cu_seqlens on the host (read_cu_seqlens: a device sync on CUDA) and checks
+// A packed call reads cu_seqlens on the host (read_on_host: a device sync on CUDA) and checks
 // its values when `host_spans` is asked for or max_seqlen is not given; otherwise it reads no
 // tensor data: longest = max_seqlen, no spans, and the values are the caller's promise.
 Sequences make_sequences(const MlaDims& d, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
@@ -46,10 +46,11 @@ int64_t learn_max_seqlen(const at::Tensor& cu_seqlens, int64_t tokens);
 c10::SymInt known_max_seqlen(const std::optional<at::Tensor>& cu_seqlens, const c10::SymInt& tokens,
                              c10::SymInt max_seqlen, const std::string& core);
 
-// cu_seqlens copied to the host: the one place the ops read tensor data on the host, counted.
-at::Tensor read_cu_seqlens(const at::Tensor& cu_seqlens);
+// `t` copied to the host (a device sync on CUDA): the one place the ops read tensor data on the
+// host, counted. Its callers: cu_seqlens here, the max_logits fallback's row flags (max_logits.h).
+at::Tensor read_on_host(const at::Tensor& t);
 
-// How many times read_cu_seqlens ran in this process (a test hook, torch.ops.torch_mla._host_reads).
+// How many times read_on_host ran in this process (a test hook, torch.ops.torch_mla._host_reads).
 int64_t host_reads();
 
 // The checks of max_seqlen that need no data, shared with the Meta kernels: not negative.
