@@ -19,7 +19,7 @@ SEQLENS = [5, 9, 0, 2]
 
 
 class Counted:
-    """The library's counters over a `with` block: host reads of cu_seqlens, core selections."""
+    """The library's counters over a `with` block: host reads of tensor data, core selections."""
 
     def __enter__(self):
         self._reads, self._selections = ops._host_reads(), ops._core_selections()
