@@ -11,7 +11,7 @@ Prints ms per forward+backward call: the best of --rounds runs of --calls calls 
 in process CPU time. The simt core is
 left out: emulating the CUDA kernels costs ~200 ms per call here, which hides the overhead.
 
-    python benchmarks/bench_calls.py [--calls 1000] [--rounds 3]
+    python benchmarks/bench_calls.py [--calls 1000] [--rounds 3] [--only "mla_attention_block given"]
 """
 import argparse
 import time
@@ -71,6 +71,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default="", help='rows whose "op max_seqlen" label contains this, '
+                        'e.g. "mla_attention_block given"')
     args = parser.parse_args()
     torch.set_num_threads(1)  # overhead, not parallel speed; the same on every machine
     gen = torch.Generator().manual_seed(0)
@@ -101,6 +103,8 @@ def main():
           f"torch {torch.__version__}, 1 thread")
     print(f"{'op':<20} {'core':<5} {'dtype':<9} {'max_seqlen':<10} {'ms/call':>8}")
     for op, core, dtype, given, step in rows:
+        if args.only not in f"{op} {'given' if given else 'not given'}":
+            continue
         with torch_mla.use_core(core):
             ms = ms_per_call(step, args.calls, args.rounds)
         print(f"{op:<20} {core:<5} {dtype:<9} {'given' if given else 'not given':<10} {ms:>8.3f}")
