@@ -4,6 +4,8 @@ A test taking the `core` fixture runs once per (device, core) pair whose served-
 (support.served_cases) holds a case its `cases` markers ask for; the body loops over those cases.
 CUDA pairs, and tests marked `cuda`, are not collected where no CUDA device is present: they are
 counted and the count is printed after collection, instead of showing as skips."""
+import types
+
 import pytest
 import torch
 
@@ -57,3 +59,19 @@ def core(request):
     torch_mla.use_core(name)."""
     with torch_mla.use_core(request.param.name):
         yield request.param
+
+
+@pytest.fixture
+def mla_env(monkeypatch):
+    """monkeypatch for torch_mla's environment variables, which the library reads once, not per
+    call (docs/design.md §10.3): ``mla_env.setenv(name, value)`` and ``mla_env.delenv(name)`` change
+    one and have the library read them again; the test's end restores them and reads again."""
+    def read_again(change):
+        def apply(*args):
+            change(*args)
+            torch.ops.torch_mla._read_environment()
+        return apply
+
+    yield types.SimpleNamespace(setenv=read_again(monkeypatch.setenv), delenv=read_again(monkeypatch.delenv))
+    monkeypatch.undo()
+    torch.ops.torch_mla._read_environment()

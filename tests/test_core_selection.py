@@ -88,16 +88,16 @@ def test_forced_core_is_taken_or_refused_with_reasons():
         describe(row, core="cpu")
 
 
-def test_environment_variable_forces_a_core(monkeypatch):
+def test_environment_variable_forces_a_core(mla_env):
     inputs, _ = make_inputs(SMALL, batch=1, seqlen=4, requires_grad=False)
     args = [inputs[k] for k in TENSOR_ARGS]
     assert torch_mla.explain(*args).core == "cpu"
-    monkeypatch.setenv("TORCH_MLA_BACKEND", "composed")  # the older name, read for one release
+    mla_env.setenv("TORCH_MLA_BACKEND", "composed")  # the older name, read for one release
     assert torch_mla.explain(*args).core == "composed"
-    monkeypatch.setenv("TORCH_MLA_CORE", "cpu")  # the new name wins
+    mla_env.setenv("TORCH_MLA_CORE", "cpu")  # the new name wins
     assert torch_mla.explain(*args).core == "cpu"
-    monkeypatch.delenv("TORCH_MLA_BACKEND")
-    monkeypatch.setenv("TORCH_MLA_CORE", "composed")
+    mla_env.delenv("TORCH_MLA_BACKEND")
+    mla_env.setenv("TORCH_MLA_CORE", "composed")
     assert torch_mla.explain(*args).core == "composed"
     with torch_mla.use_core("cpu"):  # an explicit choice wins over the environment
         assert torch_mla.explain(*args).core == "cpu"

@@ -69,10 +69,10 @@ def test_matches_reference(core):
 
 
 @pytest.mark.cases(**ACCURACY)
-def test_shared_fallback_matches_reference(core, monkeypatch):
+def test_shared_fallback_matches_reference(core, mla_env):
     """The fallback of the stock cores (cudnn, efficient), forced on every core: lse-pruned
     recomputation of the scores. One head is given one dominant query row, so that lse prunes."""
-    monkeypatch.setenv("TORCH_MLA_MAX_LOGITS", "recompute")
+    mla_env.setenv("TORCH_MLA_MAX_LOGITS", "recompute")
     for case in core.cases:
         inputs, cu = inputs_for(core, case)
         with torch.no_grad():
@@ -88,11 +88,11 @@ EMPTY = {False: dict(batch=0, seqlen=4), True: dict(seqlens=[0, 0])}
 
 
 @pytest.mark.cases(dtypes=(FP32, BF16), dims=("small", "minicpm3"))
-def test_no_visible_pair_is_minus_inf(core, monkeypatch):
+def test_no_visible_pair_is_minus_inf(core, mla_env):
     for case in core.one_per_layout():
         inputs, cu = core.inputs(case, **EMPTY[case.packed], requires_grad=False)
         for mode in ("core", "recompute"):
-            monkeypatch.setenv("TORCH_MLA_MAX_LOGITS", mode)
+            mla_env.setenv("TORCH_MLA_MAX_LOGITS", mode)
             with labelled(case, mode):
                 _, max_logits = torch_mla.mla_attention(**inputs, cu_seqlens=cu, return_max_logits=True)
                 assert max_logits.shape == (2,) and max_logits.dtype == torch.float32

@@ -107,10 +107,10 @@ def assert_max_logits_match(inputs, causal, cu):
 
 
 @pytest.mark.parametrize("dtype", [FP64, FP32], ids=["fp64", "fp32"])
-def test_max_logit_fallback_in_many_chunks_matches_reference(dtype, monkeypatch):
+def test_max_logit_fallback_in_many_chunks_matches_reference(dtype, mla_env):
     """The shared fallback forced on the cpu core (TORCH_MLA_MAX_LOGITS=recompute). Unit-scale
     random inputs leave most rows' lse near the top, so most rows are recomputed, in chunks."""
-    monkeypatch.setenv("TORCH_MLA_MAX_LOGITS", "recompute")
+    mla_env.setenv("TORCH_MLA_MAX_LOGITS", "recompute")
     with torch_mla.use_core("cpu"), chunk_elements(CHUNK_BUDGET):
         for layout, shape in CHUNK_LAYOUTS.items():
             inputs, cu = make_inputs(CHUNK_DIMS, dtype=dtype, requires_grad=False, **shape)

@@ -14,6 +14,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from .cores import current_core
 from .ops import default_softmax_scale
 
 
@@ -140,18 +141,20 @@ class _ContextParallelMLA(torch.autograd.Function):
             first, second = _chunk_ids(r, world)
             key_chunks[first], key_chunks[second] = gathered[r].chunk(2, dim=1)
 
+        # One core for every part, forward and backward (docs/design.md §10.1): chosen once here.
+        core = torch.ops.torch_mla._resolve_core(q, kv_latent, k_rope, wkv_b, None, current_core())
         outs, lses, max_logits = [], [], []
         for g, q_chunk in zip(_chunk_ids(rank, world), q.chunk(2, dim=1)):
             parts = [torch.ops.torch_mla.mla_attention(
                 q_chunk, key_chunks[j][..., :dim_latent], key_chunks[j][..., dim_latent:], wkv_b,
-                softmax_scale, j == g, None, 0, "auto", return_max_logits) for j in range(g + 1)]
+                softmax_scale, j == g, None, 0, core, return_max_logits) for j in range(g + 1)]
             out, lse = _merge([p[0] for p in parts], [p[1] for p in parts])
             outs.append(out)
             lses.append(lse)
             max_logits += [p[2] for p in parts]
         out = torch.cat(outs, dim=1)
         ctx.save_for_backward(q, gathered, wkv_b, out, torch.cat(lses, dim=1))
-        ctx.softmax_scale, ctx.group, ctx.dim_latent = softmax_scale, group, dim_latent
+        ctx.softmax_scale, ctx.group, ctx.dim_latent, ctx.core = softmax_scale, group, dim_latent, core
         if return_max_logits:
             # Each rank sees the keys of its own query chunks: the maximum over the group is the
             # maximum over the whole sequence (docs/design.md §12).
@@ -183,7 +186,7 @@ class _ContextParallelMLA(torch.autograd.Function):
                 dq, dc, dkr, dw = torch.ops.torch_mla.mla_attention_backward(
                     grad_out_chunk.contiguous(), q_chunk, key_chunks[j][..., :dim_latent],
                     key_chunks[j][..., dim_latent:], wkv_b, out_chunk, lse_chunk,
-                    ctx.softmax_scale, j == g, None, 0)
+                    ctx.softmax_scale, j == g, None, 0, ctx.core)
                 grad_q += dq
                 grad_chunks[j][..., :dim_latent] += dc
                 grad_chunks[j][..., dim_latent:] += dkr

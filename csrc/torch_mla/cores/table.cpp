@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <sstream>
 #include <unordered_map>
@@ -111,10 +112,9 @@ std::string device_name(c10::DeviceType device) {
 
 // "auto" or a core's name, else a ValueError listing the names.
 void check_core_name(const std::string& core) {
-  const auto names = core_names();
-  if (core == "auto" || std::find(names.begin(), names.end(), core) != names.end()) return;
+  if (core == "auto" || find_entry(core) != nullptr) return;
   std::string list;
-  for (const auto& name : names) list += (list.empty() ? "" : ", ") + name;
+  for (const auto& name : core_names()) list += (list.empty() ? "" : ", ") + name;
   TORCH_CHECK_VALUE(false, "torch_mla.mla_attention: core must be \"auto\" or one of ", list, "; got \"", core, "\"");
 }
 
@@ -127,13 +127,16 @@ std::unordered_map<std::string, const AttentionCore*>& registry() {
 
 const std::vector<CoreEntry>& core_table() {
   using c10::DeviceType;
+  // host_spans: cpu and composed loop over the sequences on the host; efficient maps its packed
+  // lse rows through them; cudnn takes padded calls only; cuda and simt read cu_seqlens in the
+  // kernels.
   static const std::vector<CoreEntry> table = {
-      {"cudnn", DeviceType::CUDA, true, cudnn_declines},
-      {"cuda", DeviceType::CUDA, true, cuda_declines},
-      {"efficient", DeviceType::CUDA, true, efficient_declines},
-      {"cpu", DeviceType::CPU, true, serves_all},
-      {"composed", std::nullopt, true, serves_all},
-      {"simt", DeviceType::CPU, false, simt_declines},
+      {"cudnn", DeviceType::CUDA, true, cudnn_declines, false},
+      {"cuda", DeviceType::CUDA, true, cuda_declines, false},
+      {"efficient", DeviceType::CUDA, true, efficient_declines, true},
+      {"cpu", DeviceType::CPU, true, serves_all, true},
+      {"composed", std::nullopt, true, serves_all, true},
+      {"simt", DeviceType::CPU, false, simt_declines, false},
   };
   return table;
 }
@@ -163,37 +166,89 @@ std::vector<int> compiled_kernel_archs() {
   return archs;
 }
 
-CoreChoice choose_core(const CoreQuery& query, const std::string& core) {
-  CoreChoice choice;
-  for (const CoreEntry& entry : core_table()) choice.why.emplace_back(entry.name, entry_reason(entry, query));
-  if (core == "auto") {
-    for (size_t i = 0; i < core_table().size(); ++i) {
-      if (core_table()[i].in_auto && !choice.why[i].second) {
-        choice.core = choice.why[i].first;
-        return choice;
-      }
-    }
-    TORCH_CHECK(false, "torch_mla.mla_attention: no attention core serves this call");  // composed serves all
-  }
-  check_core_name(core);
-  std::string can, why;
-  for (const auto& [name, reason] : choice.why) {
-    if (!reason) can += (can.empty() ? "" : ", ") + name;
-    if (name == core && reason) why = *reason;
-  }
-  TORCH_CHECK_VALUE(why.empty(), "torch_mla.mla_attention: core \"", core, "\" cannot serve this call: ", why,
-                    ". Cores that can: ", can);
-  choice.core = core;
-  return choice;
+bool CoreQuery::operator==(const CoreQuery& o) const {
+  return device == o.device && capability == o.capability && dtype == o.dtype && dim_nope == o.dim_nope &&
+         dim_rope == o.dim_rope && dim_v == o.dim_v && varlen == o.varlen && deterministic == o.deterministic &&
+         cudnn_version == o.cudnn_version && kernel_archs == o.kernel_archs && simt_built == o.simt_built;
 }
+
+const CoreEntry* find_entry(const std::string& name) {
+  for (const CoreEntry& entry : core_table()) {
+    if (name == entry.name) return &entry;
+  }
+  return nullptr;
+}
+
+namespace {
+
+std::atomic<int64_t> selections{0};
+
+// The first core `auto` may pick for the query. A declining core of the query's device builds its
+// reason string, so the last answer is kept per thread: a training loop repeats one query.
+std::string first_serving(const CoreQuery& query) {
+  thread_local std::optional<std::pair<CoreQuery, std::string>> last;
+  if (last && last->first == query) return last->second;
+  for (const CoreEntry& entry : core_table()) {
+    if (!entry.in_auto || (entry.device && *entry.device != query.device)) continue;
+    if (!entry.declines(query)) {
+      last.emplace(query, entry.name);
+      return entry.name;
+    }
+  }
+  TORCH_CHECK(false, "torch_mla.mla_attention: no attention core serves this call");  // composed serves all
+}
+
+}  // namespace
+
+int64_t core_selections() { return selections.load(); }
+
+std::string choose_core(const CoreQuery& query, const std::string& core) {
+  if (core == "auto") return first_serving(query);
+  check_core_name(core);
+  const Reason why = entry_reason(*find_entry(core), query);
+  if (why) {
+    std::string can;
+    for (const CoreEntry& entry : core_table()) {
+      if (!entry_reason(entry, query)) can += (can.empty() ? "" : ", ") + std::string(entry.name);
+    }
+    TORCH_CHECK_VALUE(false, "torch_mla.mla_attention: core \"", core, "\" cannot serve this call: ", *why,
+                      ". Cores that can: ", can);
+  }
+  return core;
+}
+
+namespace {
+
+Environment read_variables() {
+  Environment env;
+  for (const char* variable : {"TORCH_MLA_CORE", "TORCH_MLA_BACKEND"}) {
+    const char* value = std::getenv(variable);
+    if (value != nullptr && value[0] != '\0') {
+      env.core = value;
+      break;
+    }
+  }
+  const char* max_logits = std::getenv("TORCH_MLA_MAX_LOGITS");
+  env.recompute_max_logits = max_logits != nullptr && std::string(max_logits) == "recompute";
+  return env;
+}
+
+Environment& environment_storage() {
+  static Environment env = read_variables();
+  return env;
+}
+
+}  // namespace
+
+const Environment& environment() { return environment_storage(); }
+
+// Not synchronised with calls in flight: tests call it between calls, after changing a variable.
+void read_environment() { environment_storage() = read_variables(); }
 
 std::string requested_core(const std::string& core) {
   if (core != "auto") return core;
-  for (const char* variable : {"TORCH_MLA_CORE", "TORCH_MLA_BACKEND"}) {
-    const char* env = std::getenv(variable);
-    if (env != nullptr && env[0] != '\0') return env;
-  }
-  return core;
+  const std::string& forced = environment().core;
+  return forced.empty() ? core : forced;
 }
 
 CoreQuery query_for(const at::Tensor& like, const c10::SymInt& dim_nope, const c10::SymInt& dim_rope,
@@ -212,8 +267,11 @@ CoreQuery query_for(const at::Tensor& like, const c10::SymInt& dim_nope, const c
     const auto& hooks = at::detail::getCUDAHooks();
     q.cudnn_version = hooks.hasCuDNN() ? hooks.versionRuntimeCuDNN() : 0;
   }
-  q.kernel_archs = compiled_kernel_archs();
-  q.simt_built = find_core("simt") != nullptr;
+  // What this build compiled is fixed once the library is loaded.
+  static const std::vector<int> kernel_archs = compiled_kernel_archs();
+  static const bool simt_built = find_core("simt") != nullptr;
+  q.kernel_archs = kernel_archs;
+  q.simt_built = simt_built;
   return q;
 }
 
@@ -225,7 +283,8 @@ std::string resolve_core_name(const at::Tensor& like, const c10::SymInt& dim_nop
     check_core_name(requested);
     return requested;
   }
-  const std::string chosen = choose_core(query_for(like, dim_nope, dim_rope, dim_v, varlen), requested).core;
+  if (requested == "auto") ++selections;
+  const std::string chosen = choose_core(query_for(like, dim_nope, dim_rope, dim_v, varlen), requested);
   if (requested == "auto" && chosen == "composed" && device == c10::DeviceType::CUDA) {
     TORCH_WARN_ONCE("torch_mla.mla_attention: no fused CUDA core serves dtype ", like.scalar_type(),
                     " with (Dn+Dr, Dv) = (", dim_nope + dim_rope, ", ", dim_v,
@@ -236,9 +295,11 @@ std::string resolve_core_name(const at::Tensor& like, const c10::SymInt& dim_nop
 }
 
 std::string explain_choice(const CoreQuery& query, const std::string& core) {
-  const CoreChoice choice = choose_core(query, requested_core(core));
-  std::string text = choice.core + "\n";
-  for (const auto& [name, why] : choice.why) text += name + (why ? ": no: " + *why : ": yes") + "\n";
+  std::string text = choose_core(query, requested_core(core)) + "\n";
+  for (const CoreEntry& entry : core_table()) {
+    const Reason why = entry_reason(entry, query);
+    text += std::string(entry.name) + (why ? ": no: " + *why : ": yes") + "\n";
+  }
   return text;
 }
 

@@ -26,6 +26,8 @@ struct CoreQuery {
   int64_t cudnn_version = 0;      // the torch build's cuDNN as 10000·major + 100·minor + patch; 0: none
   std::vector<int> kernel_archs;  // archs our CUDA kernels were compiled for; empty: not compiled
   bool simt_built = false;        // the SIMT-emulated kernels are in this build
+
+  bool operator==(const CoreQuery& other) const;
 };
 
 using Reason = std::optional<std::string>;  // why a core cannot serve a call; nullopt: it can
@@ -36,6 +38,10 @@ struct CoreEntry {
   std::optional<c10::DeviceType> device;  // the only device it runs on; nullopt: any (composed)
   bool in_auto;                           // `auto` may pick it (simt, for tests, is never picked)
   Reason (*declines)(const CoreQuery&);   // the core's own limits, its device already matched
+  // The core walks the sequences on the host (Sequences::spans): a packed call then copies
+  // cu_seqlens to the host, a device sync on CUDA (docs/design.md §3.2). The cores that read
+  // cu_seqlens on the device need only max_seqlen.
+  bool host_spans;
 };
 
 // Every core, in the order `auto` tries them (on each device, the rows of that device and of any).
@@ -44,15 +50,27 @@ const std::vector<CoreEntry>& core_table();
 // The names of core_table(), in its order.
 std::vector<std::string> core_names();
 
-struct CoreChoice {
-  std::string core;                                  // the core that runs
-  std::vector<std::pair<std::string, Reason>> why;   // every core of the table: nullopt = can serve
-};
-
 // The core for `core` ("auto" or a core name). "auto": the first core of the table for the
 // query's device that can serve it. A name: that core, or a ValueError naming why it cannot and
-// which can.
-CoreChoice choose_core(const CoreQuery& query, const std::string& core);
+// which can. Reason strings are built for a failure (and by explain_choice), not for a call served.
+std::string choose_core(const CoreQuery& query, const std::string& core);
+
+// The table's row named `name`, or nullptr.
+const CoreEntry* find_entry(const std::string& name);
+
+// How many "auto" selections resolve_core_name has made in this process (a test hook,
+// torch.ops.torch_mla._core_selections: one per call of an op, forward and backward, whichever of
+// its layers and head groups run, docs/design.md §10.1).
+int64_t core_selections();
+
+// The environment variables the ops obey, read once (a getenv per call would sit on the hot
+// path); read_environment() reads them again (a test hook, torch.ops.torch_mla._read_environment).
+struct Environment {
+  std::string core;                   // TORCH_MLA_CORE, else the older TORCH_MLA_BACKEND; "" if unset
+  bool recompute_max_logits = false;  // TORCH_MLA_MAX_LOGITS=recompute (docs/design.md §12.2)
+};
+const Environment& environment();
+void read_environment();
 
 // The query of a call on tensors like `like` (device, dtype) with these head dims; fills in the
 // device's capability, the torch build's cuDNN, what this build compiled and the determinism flag.
@@ -60,12 +78,13 @@ CoreQuery query_for(const at::Tensor& like, const c10::SymInt& dim_nope, const c
                     const c10::SymInt& dim_v, bool varlen);
 
 // `core`, with "auto" replaced by the environment's TORCH_MLA_CORE when that is set (the older
-// TORCH_MLA_BACKEND is read too, for one release).
+// TORCH_MLA_BACKEND is read too, for one release; both read once, environment()).
 std::string requested_core(const std::string& core);
 
-// The concrete core name a call takes (what the autograd Functions record for the backward).
-// Tensors on devices without cores (e.g. meta) keep the request as it is, once it is checked to
-// name a core.
+// The concrete core name a call takes (what the autograd Functions record for the backward): a
+// selection for "auto", else only the named core's own limits are checked (a name the layer above
+// resolved is trusted to that extent, docs/design.md §10.1). Tensors on devices without cores
+// (e.g. meta) keep the request as it is, once it is checked to name a core.
 std::string resolve_core_name(const at::Tensor& like, const c10::SymInt& dim_nope,
                               const c10::SymInt& dim_rope, const c10::SymInt& dim_v, bool varlen,
                               const std::string& core);

@@ -173,7 +173,9 @@ MlaDims check_mla_backward_inputs(
 }
 
 int64_t check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t tokens, int64_t max_seqlen) {
-  const at::Tensor cu = cu_seqlens.to(at::kCPU).contiguous();
+  // A host copy (read_on_host, layer/sequences.h): reading is counted there, not here.
+  TORCH_INTERNAL_ASSERT(cu_seqlens.is_cpu(), "check_cu_seqlens_values takes a host copy of cu_seqlens");
+  const at::Tensor cu = cu_seqlens.contiguous();
   const int32_t* v = cu.data_ptr<int32_t>();
   const int64_t n = cu.numel();
   TORCH_CHECK_VALUE(v[0] == 0, "torch_mla.mla_attention: cu_seqlens must start at 0, got ", v[0]);

@@ -43,8 +43,8 @@ MlaDims check_mla_backward_inputs(
     const at::Tensor& lse,
     const std::optional<at::Tensor>& cu_seqlens);
 
-// The values of cu_seqlens (reads the tensor; real kernels only): starts at 0, non-decreasing,
-// ends at `tokens`, and no sequence longer than max_seqlen when max_seqlen > 0.
+// The values of cu_seqlens, given as a host copy (read_on_host, layer/sequences.h): starts at 0,
+// non-decreasing, ends at `tokens`, and no sequence longer than max_seqlen when max_seqlen > 0.
 // Returns the longest sequence length.
 int64_t check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t tokens, int64_t max_seqlen);
 

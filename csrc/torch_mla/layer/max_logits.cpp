@@ -10,6 +10,7 @@
 
 #include "torch_mla/layer/chunking.h"
 #include "torch_mla/layer/math.h"
+#include "torch_mla/layer/sequences.h"
 
 namespace torch_mla {
 namespace {
@@ -40,7 +41,7 @@ at::Tensor max_logits_from_scores(const CoreProblem& p, const at::Tensor& q, con
   const at::Tensor best_lower = (lse - log_visible).amax(0);                        // (H,)
   const at::Tensor threshold = best_lower - best_lower.abs().add(1).mul_(kSlack);   // (H,)
   // A row is recomputed (for all heads) when any head needs it: one host copy of (T,) flags.
-  const at::Tensor needed = (lse >= threshold).any(1).to(at::kCPU);
+  const at::Tensor needed = read_on_host((lse >= threshold).any(1));
   const bool* need = needed.const_data_ptr<bool>();
 
   at::Tensor result = at::full({H}, -std::numeric_limits<double>::infinity(), opts);

@@ -1,13 +1,14 @@
 // Private ops over the core table (cores/table.h) for torch_mla.cores and tests: which core a call
 // takes and why, the selection rule on a described call, the table's names, the archs compiled,
-// the chunk-budget test hook (layer/chunking.h) and the grid order of our kernels
-// (cores/cuda/grid_order.h).
+// the chunk-budget test hook (layer/chunking.h), the grid order of our kernels
+// (cores/cuda/grid_order.h) and the hot path's counters (docs/design.md §3.2, §10.1).
 #include <torch/library.h>
 
 #include "torch_mla/cores/cuda/grid_order.h"
 #include "torch_mla/cores/table.h"
 #include "torch_mla/layer/checks.h"
 #include "torch_mla/layer/chunking.h"
+#include "torch_mla/layer/sequences.h"
 
 namespace torch_mla {
 namespace {
@@ -38,6 +39,21 @@ std::string choose_core_for(c10::string_view device, int64_t capability, at::Sca
   return explain_choice(query, std::string(core));
 }
 
+// _resolve_core: the concrete core a call takes, for Python code that runs several calls as one
+// (context parallelism keeps the forward's core for its backward, docs/design.md §10.1).
+std::string resolve(const at::Tensor& q, const at::Tensor& kv_latent, const at::Tensor& k_rope,
+                    const at::Tensor& wkv_b, const std::optional<at::Tensor>& cu_seqlens, c10::string_view core) {
+  const MlaDims d = check_mla_inputs(q, kv_latent, k_rope, wkv_b, cu_seqlens);
+  return resolve_core_name(q, d.dim_nope, d.dim_rope, d.dim_v, d.varlen, std::string(core));
+}
+
+// _core_host_spans: whether a core reads a packed call's cu_seqlens on the host (cores/table.h).
+bool core_host_spans(c10::string_view core) {
+  const CoreEntry* entry = find_entry(std::string(core));
+  TORCH_CHECK_VALUE(entry != nullptr, "torch_mla: no core named \"", std::string(core), "\"");
+  return entry->host_spans;
+}
+
 std::vector<int64_t> kernel_archs() {
   const std::vector<int> archs = compiled_kernel_archs();
   return {archs.begin(), archs.end()};
@@ -64,6 +80,13 @@ TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
   m.def("_kernel_archs() -> int[]", TORCH_FN(kernel_archs));
   m.def("_set_chunk_elements(int n) -> int", TORCH_FN(set_chunk_elements));
   m.def("_set_grid_order(str order) -> str", TORCH_FN(set_grid_order));
+  m.def("_resolve_core(Tensor q, Tensor kv_latent, Tensor k_rope, Tensor wkv_b, Tensor? cu_seqlens, str core) -> str",
+        TORCH_FN(resolve));
+  // Test hooks of the hot path (issue 25): counters, and the environment read again.
+  m.def("_core_host_spans(str core) -> bool", TORCH_FN(core_host_spans));
+  m.def("_host_reads() -> int", TORCH_FN(host_reads));
+  m.def("_core_selections() -> int", TORCH_FN(core_selections));
+  m.def("_read_environment() -> ()", TORCH_FN(read_environment));
 }
 
 }  // namespace torch_mla

@@ -2,13 +2,16 @@
 // only q, kv_latent, k_rope, wkv_b, out and lse (docs/design.md §3.4; max_logits is returned, never
 // saved, and not differentiable: §12): per-head K and V never
 // outlive the op, and the backward recomputes them from the latents. The forward picks the
-// attention core once and the backward runs the same one (docs/design.md §10.1).
+// attention core once and the backward runs the same one (docs/design.md §10.1); a packed call
+// without max_seqlen learns it once here for both (known_max_seqlen, docs/design.md §3.2).
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "torch_mla/cores/table.h"
 #include "torch_mla/ops/mla_attention.h"
+#include "torch_mla/layer/checked_call.h"
 #include "torch_mla/layer/checks.h"
+#include "torch_mla/layer/sequences.h"
 
 namespace torch_mla {
 namespace {
@@ -31,8 +34,12 @@ class MlaAttentionFunction : public torch::autograd::Function<MlaAttentionFuncti
       c10::string_view core,
       bool return_max_logits) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    // The call's one check and one selection (docs/design.md §10.1): the device kernel takes the
+    // checked dims from the token and checks only the resolved core's own limits.
     const MlaDims d = check_mla_inputs(q, kv_latent, k_rope, wkv_b, cu_seqlens);
     const std::string resolved = resolve_core_name(q, d.dim_nope, d.dim_rope, d.dim_v, d.varlen, std::string(core));
+    max_seqlen = known_max_seqlen(cu_seqlens, d.tokens, std::move(max_seqlen), resolved);
+    const CheckedCall checked(q, kv_latent, k_rope, wkv_b, cu_seqlens, d);
     auto [out, lse, max_logits] = mla_attention(q, kv_latent, k_rope, wkv_b, softmax_scale, causal, cu_seqlens,
                                                 max_seqlen, resolved, return_max_logits);
     ctx->save_for_backward({q, kv_latent, k_rope, wkv_b, out, lse});

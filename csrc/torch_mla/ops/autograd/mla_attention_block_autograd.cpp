@@ -7,6 +7,7 @@
 #include "torch_mla/cores/table.h"
 #include "torch_mla/layer/block.h"
 #include "torch_mla/layer/checks.h"
+#include "torch_mla/layer/sequences.h"
 #include "torch_mla/ops/adapters.h"
 #include "torch_mla/ops/mla_attention_block.h"
 
@@ -53,6 +54,9 @@ class MlaAttentionBlockFunction : public torch::autograd::Function<MlaAttentionB
     const std::string resolved = naming_errors_as("torch_mla.mla_attention_block: ", [&] {
       return resolve_core_name(q_a, d.nope, d.rope, d.v, args.cu_seqlens.has_value() && args.cu_seqlens->defined(),
                                args.core);
+    });
+    max_seqlen = naming_errors_as("torch_mla.mla_attention_block: ", [&] {
+      return known_max_seqlen(cu_seqlens, q_a.sym_size(0), std::move(max_seqlen), resolved);
     });
     auto [y, q_rstd, kv_rstd] = mla_attention_block_with_rstd(
         q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads, softmax_scale,

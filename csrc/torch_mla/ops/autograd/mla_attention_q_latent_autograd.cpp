@@ -6,6 +6,7 @@
 
 #include "torch_mla/cores/table.h"
 #include "torch_mla/layer/checks.h"
+#include "torch_mla/layer/sequences.h"
 #include "torch_mla/ops/mla_attention.h"
 #include "torch_mla/ops/mla_attention_q_latent.h"
 #include "torch_mla/layer/q_expand.h"
@@ -44,6 +45,9 @@ class MlaAttentionQLatentFunction : public torch::autograd::Function<MlaAttentio
     const std::string resolved = naming_errors_as(kOp, [&] {
       return resolve_core_name(q_latent, dim_nope, dim_rope, wkv_b.sym_size(0) / num_heads - dim_nope,
                                cu_seqlens.has_value() && cu_seqlens->defined(), std::string(core));
+    });
+    max_seqlen = naming_errors_as(kOp, [&] {
+      return known_max_seqlen(cu_seqlens, q_latent.sym_size(0), std::move(max_seqlen), resolved);
     });
     auto [out, lse, max_logits] = mla_attention_q_latent(q_latent, wq_b, cos, sin, kv_latent, k_rope, wkv_b,
                                                          num_heads, softmax_scale, causal, rope_interleave,
