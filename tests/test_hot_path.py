@@ -71,7 +71,8 @@ def test_packed_simt_forward_alone(max_seqlen, reads):
 
 def test_simt_checks_values_when_it_reads_them():
     """Without max_seqlen the one read checks cu_seqlens' values (a ValueError, as on the CPU
-    path); with a too-small max_seqlen nothing is read and the kernels' device assertion fails."""
+    path); with a too-small max_seqlen, or sequences that do not start at 0 and end at T, nothing
+    is read and the kernels' device assertions fail."""
     inputs, _ = simt_inputs()
     T = inputs["q"].shape[0]
     with torch_mla.use_core("simt"), torch.no_grad():
@@ -79,6 +80,12 @@ def test_simt_checks_values_when_it_reads_them():
             torch_mla.mla_attention(**inputs, cu_seqlens=cu_seqlens_of([T]) + 1)
         with pytest.raises(RuntimeError, match=r"device assertion failed.*seq\.len <= p\.max_seqlen"):
             torch_mla.mla_attention(**inputs, cu_seqlens=cu_seqlens_of(SEQLENS), max_seqlen=max(SEQLENS) - 1)
+        # Sequences that do not cover the T tokens exactly: the device assertion on cu_seqlens' ends.
+        late_start = cu_seqlens_of(SEQLENS)
+        late_start[0] = 2
+        for cu in (cu_seqlens_of(SEQLENS[:-1]), late_start):
+            with pytest.raises(RuntimeError, match=r"device assertion failed.*p\.cu_seqlens\[0\] == 0"):
+                torch_mla.mla_attention(**inputs, cu_seqlens=cu, max_seqlen=max(SEQLENS))
 
 
 @pytest.mark.parametrize("name", ["cpu", "composed"])

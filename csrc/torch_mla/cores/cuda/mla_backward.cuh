@@ -123,6 +123,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) mla_backward_kernel(const
   const SeqSpan seq = sequence_span(p.cu_seqlens, b, p.seqlen);
   CUDA_KERNEL_ASSERT(seq.begin >= 0 && seq.len >= 0 && seq.begin + seq.len <= p.tokens &&
                      seq.len <= p.max_seqlen);
+  // With max_seqlen given the host never reads cu_seqlens (docs/design.md §3.2): its ends are
+  // checked here, so that tokens outside every sequence cannot go silently unwritten.
+  CUDA_KERNEL_ASSERT(p.cu_seqlens == nullptr || (p.cu_seqlens[0] == 0 && p.cu_seqlens[p.batch] == p.tokens));
   const int len = static_cast<int>(seq.len);
   const int n0 = n_block * kBlockN;
   if (n0 >= len) return;
