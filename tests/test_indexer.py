@@ -40,7 +40,7 @@ def assert_equals_reference(inputs, topk, cu_seqlens=None):
     return ref_indices, ref_scores
 
 
-@pytest.mark.parametrize("dtype", [FP64, FP32, BF16, FP16])
+@pytest.mark.parametrize("dtype", [FP64, FP32, BF16, FP16], ids=["fp64", "fp32", "bf16", "fp16"])
 def test_padded_equals_reference_with_ties(dtype):
     inputs = plateau_inputs((2, QUERY_BLOCK + 37), dtype=dtype)
     ref_indices, ref_scores = assert_equals_reference(inputs, topk=24)
