@@ -170,3 +170,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     """Hugging Face's DeepSeek RMSNorm, ``weight * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)``
     (float64 statistics for float64 x); saves only x and the per-row rstd for backward."""
     return torch.ops.torch_mla.rms_norm(x, weight, float(eps))
+
+
+def dsa_indexer_topk(
+    index_q: torch.Tensor,
+    index_k: torch.Tensor,
+    weights: torch.Tensor,
+    topk: int,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+):
+    """The DSA lightning indexer's top k keys per query (docs/design.md §17), streamed over query
+    blocks: ``I(t, s) = Σ_j weights[t, j] · ReLU(index_q[t, j] · index_k[s])`` over the keys s ≤ t of
+    t's own sequence; never materialises (S × S) scores. Not differentiable.
+
+    Shapes (padded batch | packed, when ``cu_seqlens`` is given):
+        index_q:    (B, S, H_I, D_I) | (T, H_I, D_I)
+        index_k:    (B, S, D_I)      | (T, D_I), shared by the indexer heads
+        weights:    (B, S, H_I)      | (T, H_I), the per-head weights (any scale folded in)
+        cu_seqlens: (B+1,) int32, as :func:`torch_mla.mla_attention`; max_seqlen likewise
+        returns indices (B, S, topk) | (T, topk) int32: positions within the query's own sequence,
+        score descending then position ascending, -1 after the visible keys when fewer than topk;
+        and scores of the same shape, float32 (float64 for float64 inputs), -inf where -1
+    """
+    return torch.ops.torch_mla.dsa_indexer_topk(index_q, index_k, weights, int(topk), cu_seqlens,
+                                                0 if max_seqlen is None else max_seqlen)

@@ -67,3 +67,39 @@ def mla_attention_reference(
         lse = torch.cat(lses) if lses else q.new_empty(0, q.shape[-2], dtype=torch.float32)
     extra = ((lse,) if return_lse else ()) + ((max_logits,) if return_max_logits else ())
     return (out, *extra) if extra else out
+
+
+# The DSA indexer top-k (docs/design.md §17).
+
+def _indexer_topk_one(index_q, index_k, weights, topk):
+    """One sequence: index_q (L, H_I, D_I), index_k (L, D_I), weights (L, H_I) → indices (L, topk)
+    int32 and scores (L, topk) in the inputs' dtype, the full (L, H_I, L) scores at once."""
+    seqlen = index_q.shape[0]
+    scores = torch.einsum("th,ths->ts", weights, torch.relu(torch.einsum("thd,sd->ths", index_q, index_k)))
+    later = torch.ones(seqlen, seqlen, dtype=torch.bool, device=index_q.device).triu(1)
+    scores = scores.masked_fill(later, float("-inf"))
+    indices = torch.full((seqlen, topk), -1, dtype=torch.int32, device=index_q.device)
+    top = torch.full((seqlen, topk), float("-inf"), dtype=scores.dtype, device=index_q.device)
+    for t in range(seqlen):
+        # The tie rule: score descending, then position ascending.
+        order = sorted(range(t + 1), key=lambda s: (-scores[t, s].item(), s))[:topk]
+        indices[t, :len(order)] = torch.tensor(order, dtype=torch.int32)
+        top[t, :len(order)] = scores[t, order]
+    return indices, top
+
+
+def dsa_indexer_topk_reference(index_q, index_k, weights, topk, *, cu_seqlens=None):
+    """Same arguments, shapes and results as :func:`torch_mla.dsa_indexer_topk`; scores in the
+    inputs' dtype (pass float64 for exact figures). Materialises each sequence's (L, H_I, L) scores."""
+    if cu_seqlens is None:
+        pairs = [_indexer_topk_one(index_q[b], index_k[b], weights[b], topk) for b in range(index_q.shape[0])]
+        shape = (*index_q.shape[:2], topk)
+    else:
+        bounds = cu_seqlens.tolist()
+        pairs = [_indexer_topk_one(index_q[s:e], index_k[s:e], weights[s:e], topk)
+                 for s, e in zip(bounds[:-1], bounds[1:])]
+        shape = (index_q.shape[0], topk)
+    indices = torch.cat([p[0] for p in pairs]).reshape(shape) if pairs else \
+        torch.empty(shape, dtype=torch.int32, device=index_q.device)
+    scores = torch.cat([p[1] for p in pairs]).reshape(shape) if pairs else index_q.new_empty(shape)
+    return indices, scores

@@ -236,3 +236,22 @@ TEST_CASE("the autograd graph keeps only out and lse beyond its inputs", "[saved
   CHECK(naive >= kv_bytes);
   CHECK(ours + kv_bytes <= naive);
 }
+
+TEST_CASE("dsa_indexer_topk (C++ API) selects by score descending, then position ascending", "[indexer]") {
+  // Two heads, one dim: I(t, s) = w0·ReLU(q0·k_s) + w1·ReLU(q1·k_s), every product exact.
+  const auto k = torch::tensor({1.0, -1.0, 2.0, 1.0, 0.0}).view({1, 5, 1});
+  const auto q = torch::tensor({1.0, -1.0}).view({1, 1, 2, 1}).expand({1, 5, 2, 1}).contiguous();
+  const auto w = torch::tensor({1.0, 0.5}).view({1, 1, 2}).expand({1, 5, 2}).contiguous();
+  const auto [indices, scores] = torch_mla::dsa_indexer_topk(q, k, w, 3, std::nullopt, 0);
+  REQUIRE(indices.sizes() == torch::IntArrayRef({1, 5, 3}));
+  CHECK(indices.scalar_type() == torch::kInt);
+  CHECK(scores.scalar_type() == torch::kFloat);  // float32 inputs (torch::tensor's default)
+  // Scores per key: 1, 0.5, 2, 1, 0. Last row: 2 (s=2), then the tie 1 at s=0 and s=3: s=0 first.
+  CHECK(torch::equal(indices[0][4], torch::tensor({2, 0, 3}, torch::kInt)));
+  CHECK(torch::equal(scores[0][4], torch::tensor({2.0f, 1.0f, 1.0f})));
+  // Row 1 sees two keys: both, then -1 with score -inf.
+  CHECK(torch::equal(indices[0][1], torch::tensor({0, 1, -1}, torch::kInt)));
+  CHECK(std::isinf(scores[0][1][2].item<float>()));
+  CHECK_THROWS_WITH(torch_mla::dsa_indexer_topk(q, k, w, 0, std::nullopt, 0),
+                    Catch::Contains("topk must be at least 1"));
+}
