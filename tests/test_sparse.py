@@ -8,7 +8,7 @@ import torch
 
 import torch_mla
 from torch_mla.reference import mla_attention_reference, mla_sparse_attention_reference
-from support import BF16, FP32, FP64, SMALL, TENSOR_ARGS, TINY, cu_seqlens_of, make_inputs, max_abs_err, max_rel_err
+from support import BF16, DSV3, FP32, FP64, SMALL, TENSOR_ARGS, TINY, cu_seqlens_of, make_inputs, max_abs_err, max_rel_err
 
 SPARSE_CORES = ("auto", "composed")
 
@@ -96,6 +96,20 @@ def test_matches_reference(shape, dtype, sparse_core):
     assert (ours["lse"][none] < 0).all()
     tol = 1e-5 if dtype == FP32 else 2e-2
     assert max_abs_err(ours["lse"][~none], ref["lse"][~none]) <= tol
+
+
+def test_several_query_chunks_match_reference():
+    """DeepSeek-V3 head dims and k = 64: the composed core's chunk holds 53 queries (2^22 elements,
+    cores/composed/sparse_composed_core.cpp), so these 120 queries take three chunks."""
+    lengths = [70, 50]
+    inputs, cu = make_inputs(DSV3, seqlens=lengths, requires_grad=False)
+    topk = random_topk(lengths, 64, seed=7)
+    with torch_mla.use_core("composed"):
+        ours = out_lse_grads(torch_mla.mla_sparse_attention, inputs, topk, cu_seqlens=cu)
+    ref = out_lse_grads(mla_sparse_attention_reference, {k: v.double() for k, v in inputs.items()}, topk,
+                        cu_seqlens=cu)
+    for name in ("out", *TENSOR_ARGS):
+        assert max_rel_err(ours[name], ref[name]) <= 1e-5, name
 
 
 def test_rows_without_a_selection_give_zero_and_minus_inf():
