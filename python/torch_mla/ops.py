@@ -196,3 +196,38 @@ def dsa_indexer_topk(
     """
     return torch.ops.torch_mla.dsa_indexer_topk(index_q, index_k, weights, int(topk), cu_seqlens,
                                                 0 if max_seqlen is None else max_seqlen)
+
+
+def mla_sparse_attention(
+    q: torch.Tensor,
+    kv_latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    wkv_b: torch.Tensor,
+    topk_indices: torch.Tensor,
+    *,
+    softmax_scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+    return_lse: bool = False,
+    return_max_logits: bool = False,
+):
+    """DeepSeek Sparse Attention's attention (docs/design.md §16): :func:`mla_attention` (causal) with
+    each query t attending only to its selected keys S_t; saves q, the latents, wkv_b, topk_indices,
+    out and lse for backward (never the absorbed q or the latent output).
+
+    Shapes (padded batch | packed, when ``cu_seqlens`` is given): q, kv_latent, k_rope, wkv_b,
+    cu_seqlens, max_seqlen and the results as :func:`mla_attention`, and
+        topk_indices: (B, S, k) | (T, k) int32, positions within the query's own sequence; -1 means
+                      none, entries past the query are ignored (causal), order does not matter; an
+                      entry outside the sequence or a repeated one is a ValueError naming the row
+                      (CPU tensors; on CUDA a device-side assert, §16.3)
+    A query with no selected key gets out 0, lse -inf and zero gradients. ``return_max_logits``: the
+    per-head maximum of ``softmax_scale * q·k`` over the selected pairs (QK-Clip, §12).
+    """
+    if softmax_scale is None:
+        softmax_scale = default_softmax_scale(q)
+    out, lse, max_logits = torch.ops.torch_mla.mla_sparse_attention(
+        q, kv_latent, k_rope, wkv_b, topk_indices, float(softmax_scale), cu_seqlens,
+        0 if max_seqlen is None else max_seqlen, current_core(), bool(return_max_logits),
+    )
+    return _select_outputs(out, lse, max_logits, return_lse, return_max_logits)

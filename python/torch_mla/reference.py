@@ -103,3 +103,78 @@ def dsa_indexer_topk_reference(index_q, index_k, weights, topk, *, cu_seqlens=No
         torch.empty(shape, dtype=torch.int32, device=index_q.device)
     scores = torch.cat([p[1] for p in pairs]).reshape(shape) if pairs else index_q.new_empty(shape)
     return indices, scores
+
+
+# ---- mla_sparse_attention (docs/design.md §16) ----------------------------------------------------
+
+
+def _sparse_mask(topk_indices: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """(…, S, k) int positions → (…, S, S) bool: query t sees key s iff s is one of its entries and
+    s ≤ t. −1 entries and entries past t select nothing."""
+    positions = torch.arange(seqlen, device=topk_indices.device)
+    idx = topk_indices.long()
+    valid = (idx >= 0) & (idx <= positions.unsqueeze(-1))
+    mask = torch.zeros(*idx.shape[:-1], seqlen + 1, dtype=torch.bool, device=idx.device)
+    # Invalid entries land in the spare last column, which is dropped.
+    mask.scatter_(-1, torch.where(valid, idx, seqlen), True)
+    return mask[..., :seqlen]
+
+
+def _sparse_attention_padded(q, kv_latent, k_rope, wkv_b, topk_indices, softmax_scale):
+    """mla_attention's MHA form with every score outside S_t masked: q (B, S, H, Dn+Dr),
+    topk_indices (B, S, k) → out (B, S, H, Dv), lse (B, S, H), max_logits (H,)."""
+    num_heads, dim_rope = q.shape[-2], k_rope.shape[-1]
+    dim_nope = q.shape[-1] - dim_rope
+    k_nope, v = expand_kv(kv_latent, wkv_b, num_heads, dim_nope)
+    k = torch.cat([k_nope, k_rope.unsqueeze(-2).expand(*k_nope.shape[:-1], dim_rope)], dim=-1)
+    scores = torch.einsum("bshd,bthd->bhst", q, k) * softmax_scale
+    mask = _sparse_mask(topk_indices, q.shape[1]).unsqueeze(1)  # (B, 1, S, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores.float() if scores.dtype != torch.float64 else scores, dim=-1)
+    max_logits = scores.transpose(0, 1).flatten(1).amax(1) if scores.numel() else \
+        scores.new_full((scores.shape[1],), float("-inf"))
+    # A row with no selected key: out 0 and zero gradients (a softmax of all −inf would be NaN in
+    # both directions, so such rows take a finite dummy row whose probabilities are then zeroed).
+    selects = mask.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~selects, 0.0), dim=-1).masked_fill(~mask, 0.0)
+    out = torch.einsum("bhst,bthd->bshd", probs, v)
+    return out, lse.transpose(1, 2), max_logits
+
+
+def mla_sparse_attention_reference(
+    q: torch.Tensor,
+    kv_latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    wkv_b: torch.Tensor,
+    topk_indices: torch.Tensor,
+    *,
+    softmax_scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+    return_max_logits: bool = False,
+):
+    """The specification of :func:`torch_mla.mla_sparse_attention`: mla_attention's reference (the
+    MHA form, K and V expanded per head) with each query t's scores restricted to its selected set
+    S_t = {entries of topk_indices[t] that are ≥ 0 and ≤ t}; positions are within the query's own
+    sequence. Same arguments, shapes and results as the op; the entries are assumed valid (the op
+    checks them)."""
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    if cu_seqlens is None:
+        out, lse, max_logits = _sparse_attention_padded(q, kv_latent, k_rope, wkv_b, topk_indices, softmax_scale)
+    else:
+        bounds = cu_seqlens.tolist()
+        outs, lses = [], []
+        max_logits = q.new_full((q.shape[-2],), float("-inf"))
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            o, l, m = _sparse_attention_padded(q[None, start:end], kv_latent[None, start:end],
+                                               k_rope[None, start:end], wkv_b,
+                                               topk_indices[None, start:end], softmax_scale)
+            outs.append(o[0])
+            lses.append(l[0])
+            max_logits = torch.maximum(max_logits, m)
+        dim_v = wkv_b.shape[0] // q.shape[-2] - (q.shape[-1] - k_rope.shape[-1])
+        out = torch.cat(outs) if outs else q.new_empty(0, q.shape[-2], dim_v)
+        lse = torch.cat(lses) if lses else q.new_empty(0, q.shape[-2], dtype=torch.float32)
+    extra = ((lse,) if return_lse else ()) + ((max_logits,) if return_max_logits else ())
+    return (out, *extra) if extra else out

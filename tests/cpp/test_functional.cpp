@@ -254,4 +254,26 @@ TEST_CASE("dsa_indexer_topk (C++ API) selects by score descending, then position
   CHECK(std::isinf(scores[0][1][2].item<float>()));
   CHECK_THROWS_WITH(torch_mla::dsa_indexer_topk(q, k, w, 0, std::nullopt, 0),
                     Catch::Contains("topk must be at least 1"));
+
+TEST_CASE("mla_sparse_attention selecting every causal prefix equals mla_attention in float64", "[sparse]") {
+  const int64_t seqlen = 6, k = 8;
+  const Inputs x = make_inputs(Dims{}, {2, seqlen}, torch::kDouble, 0);
+  // Row t of each sequence holds every position 0..S-1 (those past t are ignored) and -1 padding.
+  auto row = torch::full({k}, -1, torch::kInt);
+  row.narrow(0, 0, seqlen).copy_(torch::arange(seqlen, torch::kInt));
+  const auto topk = row.expand({2, seqlen, k}).contiguous();
+  const auto dense = torch_mla::mla_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b);
+  // "composed" computes the absorbed form; the dense op computes the expanded one.
+  const auto sparse = torch_mla::mla_sparse_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, topk,
+                                                      torch_mla::MlaOptions().core("composed"));
+  CHECK(max_rel_err(sparse, dense) <= 1e-12);
+  const auto grads = grads_of(sparse, x.list());
+  const auto dense_grads = grads_of(dense, x.list());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    CAPTURE(i);
+    CHECK(max_rel_err(grads[i], dense_grads[i]) <= 1e-12);
+  }
+  CHECK_THROWS_WITH(torch_mla::mla_sparse_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, topk,
+                                                    torch_mla::MlaOptions().causal(false)),
+                    Catch::Contains("sparse attention is causal only"));
 }

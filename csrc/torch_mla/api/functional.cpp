@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "torch_mla/ops/mla_attention.h"
+#include "torch_mla/ops/mla_sparse_attention.h"
 
 namespace torch_mla {
 
@@ -44,6 +45,21 @@ std::tuple<at::Tensor, at::Tensor> mla_attention_with_max_logits(
     const at::Tensor& wkv_b,
     const MlaOptions& options) {
   return call_op(q, kv_latent, k_rope, wkv_b, options, true);
+}
+
+at::Tensor mla_sparse_attention(
+    const at::Tensor& q,
+    const at::Tensor& kv_latent,
+    const at::Tensor& k_rope,
+    const at::Tensor& wkv_b,
+    const at::Tensor& topk_indices,
+    const MlaOptions& options) {
+  TORCH_CHECK_VALUE(options.causal(), "torch_mla.mla_sparse_attention: sparse attention is causal only, "
+                    "got MlaOptions().causal(false)");
+  const double scale = options.softmax_scale() ? *options.softmax_scale() : default_softmax_scale(q);
+  return std::get<0>(torch_mla::mla_sparse_attention(q, kv_latent, k_rope, wkv_b, topk_indices, scale,
+                                                     options.cu_seqlens(), c10::SymInt(options.max_seqlen()),
+                                                     options.core(), false));
 }
 
 std::string explain(

@@ -66,4 +66,17 @@ std::string explain(
 // (Dn+Dr)^-0.5 for a q of shape (..., H, Dn+Dr).
 double default_softmax_scale(const at::Tensor& q);
 
+// DeepSeek Sparse Attention's attention (docs/design.md §16): mla_attention, causal, with each query
+// attending only to its selected keys. topk_indices int32 (B, S, k) | packed (T, k): positions in
+// the query's own sequence, -1 none, entries past the query ignored. options.causal() must be true
+// (sparse attention is causal only); returns out as mla_attention does. Saved for backward: q, the
+// latents, wkv_b, topk_indices, out and lse.
+at::Tensor mla_sparse_attention(
+    const at::Tensor& q,
+    const at::Tensor& kv_latent,
+    const at::Tensor& k_rope,
+    const at::Tensor& wkv_b,
+    const at::Tensor& topk_indices,
+    const MlaOptions& options = {});
+
 }  // namespace torch_mla
