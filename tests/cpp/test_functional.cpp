@@ -254,6 +254,7 @@ TEST_CASE("dsa_indexer_topk (C++ API) selects by score descending, then position
   CHECK(std::isinf(scores[0][1][2].item<float>()));
   CHECK_THROWS_WITH(torch_mla::dsa_indexer_topk(q, k, w, 0, std::nullopt, 0),
                     Catch::Contains("topk must be at least 1"));
+}
 
 TEST_CASE("mla_sparse_attention selecting every causal prefix equals mla_attention in float64", "[sparse]") {
   const int64_t seqlen = 6, k = 8;
