@@ -8,8 +8,8 @@ from the latents, so all compute the same function:
   torch_mla          torch_mla.mla_attention, core "auto" (the one it picks is printed)
   mla:CORE           the same with each attention core forced (cudnn, cuda, efficient; composed
                      at S <= 4096): one run settles which core wins at each shape
-  mla:cuda@ORDER     our kernels under each grid order (query_fastest, head_fastest), where the
-                     op torch_mla._set_grid_order exists: the A/B of issue 25
+  mla:cuda@ORDER     our kernels under each grid order (query_fastest, head_fastest): the A/B of
+                     issue 25
   torch_mla:packed   auto on the same tokens packed (cu_seqlens, max_seqlen given)
   mla:cuda:packed    our kernels on them
   torch_mla:det      auto under torch.use_deterministic_algorithms(True)
@@ -56,22 +56,6 @@ CHECK_COMPOSED_MAX_SEQLEN = 2048
 FORCED_CORES = ("cudnn", "cuda", "efficient", "composed")
 CHECK_METHODS = ("torch_mla", "mla:cudnn", "mla:cuda", "mla:efficient", "mla:composed", "torch_mla:packed",
                  "mla:cuda:packed", "torch_mla:det", "sdpa_cudnn", "sdpa_efficient")
-
-
-def grid_orders():
-    """Our kernels' grid orders where the op that sets one exists (else none to choose)."""
-    if hasattr(torch.ops.torch_mla, "_set_grid_order"):
-        return ("query_fastest", "head_fastest")
-    return ()
-
-
-@contextlib.contextmanager
-def grid_order(order):
-    previous = torch.ops.torch_mla._set_grid_order(order)
-    try:
-        yield
-    finally:
-        torch.ops.torch_mla._set_grid_order(previous)
 
 
 @contextlib.contextmanager
@@ -202,7 +186,7 @@ def methods_for(seqlen, batch, check=False):
     for core in FORCED_CORES:
         if core != "composed" or seqlen <= (CHECK_COMPOSED_MAX_SEQLEN if check else COMPOSED_MAX_SEQLEN):
             methods[f"mla:{core}"] = lambda core=core: torch_mla_method(core)
-    for order in grid_orders():
+    for order in torch_mla.cores.GRID_ORDERS:
         methods[f"mla:cuda@{order}"] = lambda: torch_mla_method("cuda")
     methods.update({
         "torch_mla:packed": lambda: torch_mla_method("auto", batch, seqlen),
@@ -217,7 +201,7 @@ def methods_for(seqlen, batch, check=False):
         methods["eager_reference"] = lambda: (lambda q, c, kr, w: mla_attention_reference(q, c, kr, w, causal=True))
     if check:
         # With both grid orders timed, plain mla:cuda would time the default order a second time.
-        skip = {"mla:cuda"} if grid_orders() else set()
+        skip = {"mla:cuda"}
         return {name: f for name, f in methods.items()
                 if (name in CHECK_METHODS or name.startswith("mla:cuda@")) and name not in skip}
     return methods
@@ -226,7 +210,7 @@ def methods_for(seqlen, batch, check=False):
 def method_context(name):
     """The mode a method runs in: a grid order, or deterministic algorithms."""
     if "@" in name:
-        return grid_order(name.split("@", 1)[1])
+        return torch_mla.cores.grid_order(name.split("@", 1)[1])
     if name.endswith(":det"):
         return deterministic()
     return contextlib.nullcontext()

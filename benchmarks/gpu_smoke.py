@@ -43,23 +43,9 @@ PADDED = (2, 130)  # B, S
 HEADS = 2
 
 
-def grid_orders():
-    """The grid orders to run our kernels under: both where the op exists, else the built one."""
-    if hasattr(torch.ops.torch_mla, "_set_grid_order"):
-        return ("query_fastest", "head_fastest")
-    return ("built-in",)
-
-
-@contextlib.contextmanager
 def grid_order(order):
-    if order in ("built-in", "-"):  # "-": a core whose grid is not ours
-        yield
-        return
-    previous = torch.ops.torch_mla._set_grid_order(order)
-    try:
-        yield
-    finally:
-        torch.ops.torch_mla._set_grid_order(previous)
+    """`order` for our kernels; "-" marks a core whose grid is not ours."""
+    return contextlib.nullcontext() if order == "-" else torch_mla.cores.grid_order(order)
 
 
 @contextlib.contextmanager
@@ -78,7 +64,7 @@ def cases(device):
         ours = core == OURS[device]
         dtypes = (torch.bfloat16, torch.float16) if ours else (torch.bfloat16,)
         dets = (False, True) if ours else (False,)
-        grids = grid_orders() if core == OURS[device] else ("-",)
+        grids = torch_mla.cores.GRID_ORDERS if core == OURS[device] else ("-",)
         for shape in SHAPES:
             for packed in (False, True):
                 for causal in (True, False):
@@ -204,14 +190,14 @@ def sanitize_workload(device):
         head_dims = HeadDims(heads=HEADS, nope=dims.nope, rope=dims.rope, v=dims.v, latent=dims.latent)
         for seqlens in ((70, 1, 130), None):
             for det in (False, True):
-                for grid in grid_orders():
+                for grid in torch_mla.cores.GRID_ORDERS:
                     inputs, cu = make_inputs(head_dims, batch=2, seqlen=67, seqlens=seqlens,
                                              dtype=torch.bfloat16, device=device)
                     with deterministic(det), grid_order(grid), torch_mla.use_core(core):
                         out, grads = run_with_grads(torch_mla.mla_attention, inputs, cu_seqlens=cu)
                     assert all(torch.isfinite(g).all() for g in grads.values()), (shape, seqlens, det, grid)
     print("summary: sanitizer workload done (our kernels: 2 shapes x padded/packed x det 0/1 x grid "
-          f"{'/'.join(grid_orders())})")
+          f"{'/'.join(torch_mla.cores.GRID_ORDERS)})")
 
 
 def main():
@@ -242,7 +228,7 @@ def main():
             out.flush()
 
     emit(f"# torch {torch.__version__}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}"
-         f", grid orders {'/'.join(grid_orders())}")
+         f", grid orders {'/'.join(torch_mla.cores.GRID_ORDERS)}")
     for case in cases(args.device):
         if args.cores and case[0] not in args.cores:
             continue

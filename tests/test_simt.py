@@ -12,7 +12,6 @@ that touches memory outside the tensors' logical extents, races on shared memory
 collective.
 """
 
-import contextlib
 
 import pytest
 import torch
@@ -152,16 +151,6 @@ def test_non_contiguous_inputs_with_nan_past_their_ends(deterministic, dims, dty
     check_lowp_against_reference({"out": out.detach(), **grads}, inputs, grad_out, cu_seqlens=cu)
 
 
-@contextlib.contextmanager
-def grid_order(order):
-    """Our kernels' grids in `order` (cores/cuda/grid_order.h), the previous order restored after."""
-    previous = torch.ops.torch_mla._set_grid_order(order)
-    try:
-        yield
-    finally:
-        torch.ops.torch_mla._set_grid_order(previous)
-
-
 def test_set_grid_order_returns_the_previous_and_refuses_other_names():
     set_order = torch.ops.torch_mla._set_grid_order
     assert set_order("head_fastest") == "query_fastest"  # the default
@@ -187,7 +176,7 @@ def test_both_grid_orders_match_reference_and_each_other(deterministic, layout):
     for causal in (True, False):
         results = {}
         for order in ("query_fastest", "head_fastest"):
-            with grid_order(order), labelled(c, order, "causal" if causal else "full"):
+            with torch_mla.cores.grid_order(order), labelled(c, order, "causal" if causal else "full"):
                 results[order] = run_and_check(inputs, causal=causal, cu_seqlens=cu)
         (out_q, grads_q), (out_h, grads_h) = results["query_fastest"], results["head_fastest"]
         assert torch.equal(out_q, out_h), causal

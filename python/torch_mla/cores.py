@@ -138,3 +138,18 @@ def choose_core(*, device: str, capability: int = 0, dtype: torch.dtype, dim_nop
                                             deterministic, cudnn_version, list(kernel_archs), simt_built,
                                             requested)
     return _parse(text)
+
+
+#: The orders of our kernels' CTAs (docs/design.md §10.2): the default first.
+GRID_ORDERS = ("query_fastest", "head_fastest")
+
+
+@contextlib.contextmanager
+def grid_order(order: str) -> Iterator[None]:
+    """Our kernels' grids in ``order`` (one of :data:`GRID_ORDERS`) inside the block, process-wide,
+    the previous order restored after: the A/B of the benchmarks and the emulator tests."""
+    previous = torch.ops.torch_mla._set_grid_order(order)
+    try:
+        yield
+    finally:
+        torch.ops.torch_mla._set_grid_order(previous)
