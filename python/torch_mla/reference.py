@@ -34,6 +34,23 @@ def _attention_padded(q, kv_latent, k_rope, wkv_b, softmax_scale, causal):
     return out, lse.transpose(1, 2), max_logits
 
 
+def _per_sequence(attend, cu_seqlens, q, *per_token, dim_v: int):
+    """A packed call through the padded form: `attend` takes one sequence's (1, L, …) slices of q and
+    `per_token` and returns out (1, L, H, Dv), lse (1, L, H), max_logits (H,); the results are joined
+    into out (T, H, Dv), lse (T, H) and the maximum over the sequences."""
+    bounds = cu_seqlens.tolist()
+    outs, lses = [], []
+    max_logits = q.new_full((q.shape[-2],), float("-inf"))
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        o, l, m = attend(q[None, start:end], *(t[None, start:end] for t in per_token))
+        outs.append(o[0])
+        lses.append(l[0])
+        max_logits = torch.maximum(max_logits, m)
+    out = torch.cat(outs) if outs else q.new_empty(0, q.shape[-2], dim_v)
+    lse = torch.cat(lses) if lses else q.new_empty(0, q.shape[-2], dtype=torch.float32)
+    return out, lse, max_logits
+
+
 def mla_attention_reference(
     q: torch.Tensor,
     kv_latent: torch.Tensor,
@@ -53,18 +70,9 @@ def mla_attention_reference(
     if cu_seqlens is None:
         out, lse, max_logits = _attention_padded(q, kv_latent, k_rope, wkv_b, softmax_scale, causal)
     else:
-        bounds = cu_seqlens.tolist()
-        outs, lses = [], []
-        max_logits = q.new_full((q.shape[-2],), float("-inf"))
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            o, l, m = _attention_padded(q[None, start:end], kv_latent[None, start:end],
-                                        k_rope[None, start:end], wkv_b, softmax_scale, causal)
-            outs.append(o[0])
-            lses.append(l[0])
-            max_logits = torch.maximum(max_logits, m)
-        dim_v = wkv_b.shape[0] // q.shape[-2] - (q.shape[-1] - k_rope.shape[-1])
-        out = torch.cat(outs) if outs else q.new_empty(0, q.shape[-2], dim_v)
-        lse = torch.cat(lses) if lses else q.new_empty(0, q.shape[-2], dtype=torch.float32)
+        out, lse, max_logits = _per_sequence(
+            lambda q, c, r: _attention_padded(q, c, r, wkv_b, softmax_scale, causal),
+            cu_seqlens, q, kv_latent, k_rope, dim_v=wkv_b.shape[0] // q.shape[-2] - (q.shape[-1] - k_rope.shape[-1]))
     extra = ((lse,) if return_lse else ()) + ((max_logits,) if return_max_logits else ())
     return (out, *extra) if extra else out
 
@@ -163,18 +171,9 @@ def mla_sparse_attention_reference(
     if cu_seqlens is None:
         out, lse, max_logits = _sparse_attention_padded(q, kv_latent, k_rope, wkv_b, topk_indices, softmax_scale)
     else:
-        bounds = cu_seqlens.tolist()
-        outs, lses = [], []
-        max_logits = q.new_full((q.shape[-2],), float("-inf"))
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            o, l, m = _sparse_attention_padded(q[None, start:end], kv_latent[None, start:end],
-                                               k_rope[None, start:end], wkv_b,
-                                               topk_indices[None, start:end], softmax_scale)
-            outs.append(o[0])
-            lses.append(l[0])
-            max_logits = torch.maximum(max_logits, m)
-        dim_v = wkv_b.shape[0] // q.shape[-2] - (q.shape[-1] - k_rope.shape[-1])
-        out = torch.cat(outs) if outs else q.new_empty(0, q.shape[-2], dim_v)
-        lse = torch.cat(lses) if lses else q.new_empty(0, q.shape[-2], dtype=torch.float32)
+        out, lse, max_logits = _per_sequence(
+            lambda q, c, r, idx: _sparse_attention_padded(q, c, r, wkv_b, idx, softmax_scale),
+            cu_seqlens, q, kv_latent, k_rope, topk_indices,
+            dim_v=wkv_b.shape[0] // q.shape[-2] - (q.shape[-1] - k_rope.shape[-1]))
     extra = ((lse,) if return_lse else ()) + ((max_logits,) if return_max_logits else ())
     return (out, *extra) if extra else out
