@@ -325,10 +325,11 @@ def op_args(inputs, cu, topk, core="composed"):
 SMALL_SCALE = (SMALL.nope + SMALL.rope) ** -0.5
 
 
+@pytest.mark.parametrize("sparse_core", ["composed", "cpu"])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]], ids=["padded", "packed"])
-def test_opcheck(shape):
+def test_opcheck(shape, sparse_core):
     inputs, cu, topk = shape_inputs(shape, FP32)
-    args = op_args(inputs, cu, topk)
+    args = op_args(inputs, cu, topk, sparse_core)
     torch.library.opcheck(torch.ops.torch_mla.mla_sparse_attention.default, args)
     out, lse, _ = torch.ops.torch_mla.mla_sparse_attention(*args)
     torch.library.opcheck(torch.ops.torch_mla.mla_sparse_attention_backward.default,
