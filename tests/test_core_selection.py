@@ -126,6 +126,46 @@ def test_backward_runs_the_forward_core():
     assert not all(torch.equal(split[k], cpu[k]) for k in split)
 
 
+# The sparse forms (docs/design.md §16.4): cpu and composed have one; on CPU auto takes cpu for every
+# dtype, on CUDA composed.
+SPARSE_TABLE = [
+    ("cpu", 0, FP32, DSV3, False, False, 0, (), "cpu"),
+    ("cpu", 0, BF16, DSV3, True, True, 0, (), "cpu"),
+    ("cpu", 0, FP16, MINICPM3, False, False, 0, (), "cpu"),
+    ("cpu", 0, FP64, (4, 2, 3), True, False, 0, (), "cpu"),
+    ("cuda", 90, BF16, DSV3, False, False, CUDNN, ALL_ARCHS, "composed"),
+    ("cuda", 80, FP32, DSV3, True, True, CUDNN, ALL_ARCHS, "composed"),
+]
+
+
+@pytest.mark.parametrize("row", SPARSE_TABLE, ids=[f"{r[0]}-{str(r[2])[6:]}-{r[8]}" for r in SPARSE_TABLE])
+def test_sparse_auto_rule(row):
+    device, cap, dtype, (dn, dr, dv), varlen, det, cudnn, archs, expected = row
+    choice = choose_core(device=device, capability=cap, dtype=dtype, dim_nope=dn, dim_rope=dr, dim_v=dv,
+                         varlen=varlen, deterministic=det, cudnn_version=cudnn, kernel_archs=archs, sparse=True)
+    assert choice.sparse and choice.core == expected, str(choice)
+    assert tuple(choice.reasons) == torch_mla.cores.names()
+    for core in ("cudnn", "cuda", "efficient", "simt"):
+        assert choice.reasons[core] == "has no sparse form", str(choice)
+    assert choice.reasons["composed"] is None
+    assert choice.reasons["cpu"] == (None if device == "cpu" else "runs on CPU tensors only")
+
+
+def test_forced_sparse_core_is_taken_or_refused_with_reasons():
+    def sparse_choice(device, core):
+        return choose_core(device=device, capability=90 if device == "cuda" else 0, dtype=BF16, dim_nope=128,
+                           dim_rope=64, dim_v=128, cudnn_version=CUDNN, kernel_archs=ALL_ARCHS, core=core,
+                           sparse=True)
+
+    assert sparse_choice("cpu", "composed").core == "composed"
+    with pytest.raises(ValueError, match=r'^torch_mla.mla_sparse_attention: core "cpu" cannot serve this call: '
+                                         r"runs on CPU tensors only\. Cores that can: composed$"):
+        sparse_choice("cuda", "cpu")
+    with pytest.raises(ValueError, match=r'core "cudnn" has no sparse form; a sparse call takes one of: '
+                                         r"auto, cpu, composed"):
+        sparse_choice("cuda", "cudnn")
+
+
 def test_python_names_come_from_the_core_table():
     assert torch_mla.cores.names() == tuple(torch.ops.torch_mla._core_names())
     assert set(torch_mla.cores.names()) == {"cudnn", "cuda", "efficient", "cpu", "composed", "simt"}

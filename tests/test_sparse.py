@@ -10,7 +10,7 @@ import torch_mla
 from torch_mla.reference import mla_attention_reference, mla_sparse_attention_reference
 from support import BF16, DSV3, FP32, FP64, SMALL, TENSOR_ARGS, TINY, cu_seqlens_of, make_inputs, max_abs_err, max_rel_err
 
-SPARSE_CORES = ("auto", "composed")
+SPARSE_CORES = ("auto", "composed", "cpu")
 
 
 def random_topk(lengths, k, seed, padded=False):
@@ -112,6 +112,84 @@ def test_several_query_chunks_match_reference():
         assert max_rel_err(ours[name], ref[name]) <= 1e-5, name
 
 
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
+def test_cpu_core_over_several_blocks_and_threads(dtype):
+    """DeepSeek-V3 head dims, k = 64, 120 queries: the cpu sparse core's 8 query blocks of 16, and on
+    two threads a backward of two parts whose accumulators are summed (sparse_cpu_core.cpp); against
+    the float64 reference (fp32 ≤ 1e-5 relative, bf16 by the 2× / 3× rule)."""
+    lengths = [70, 50]
+    inputs, cu = make_inputs(DSV3, seqlens=lengths, dtype=dtype, requires_grad=False)
+    topk = random_topk(lengths, 64, seed=7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch_mla.use_core("cpu"):
+            ours = out_lse_grads(torch_mla.mla_sparse_attention, inputs, topk, cu_seqlens=cu)
+    finally:
+        torch.set_num_threads(threads)
+    ref = out_lse_grads(mla_sparse_attention_reference, {k: v.double() for k, v in inputs.items()}, topk,
+                        cu_seqlens=cu)
+    naive = out_lse_grads(mla_sparse_attention_reference, inputs, topk, cu_seqlens=cu)
+    for name in ("out", *TENSOR_ARGS):
+        if dtype == FP32:
+            assert max_rel_err(ours[name], ref[name]) <= 1e-5, name
+        else:
+            factor = 2 if name == "out" else 3
+            assert max_abs_err(ours[name], ref[name]) <= factor * max_abs_err(naive[name], ref[name]), name
+
+
+def test_cpu_core_backward_is_bitwise_repeatable_on_two_threads():
+    """The dK/dV scatter and dWk/dWv sums of the cpu sparse core are deterministic (per-part
+    accumulators added in part order, docs/design.md §16.4): two runs on two threads, the same
+    bits. Many queries select the same few keys, so the scatter-adds overlap."""
+    lengths = [96, 64]
+    inputs, cu = make_inputs(DSV3, seqlens=lengths, requires_grad=False)
+    topk = random_topk(lengths, 16, seed=11)
+    topk[topk > 8] = -1  # every selection within each sequence's first 9 positions
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch_mla.use_core("cpu"):
+            runs = [out_lse_grads(torch_mla.mla_sparse_attention, inputs, topk, cu_seqlens=cu) for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+@pytest.mark.parametrize("dtype", [FP32, FP64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_cpu_core_equals_composed(shape, dtype):
+    """The two absorbed-form cores agree to rounding: out, lse, the four grads and max_logits."""
+    inputs, cu, topk = shape_inputs(shape, dtype)
+    results = {}
+    for core in ("cpu", "composed"):
+        with torch_mla.use_core(core):
+            results[core] = out_lse_grads(torch_mla.mla_sparse_attention, inputs, topk, cu_seqlens=cu)
+            results[core]["max_logits"] = torch_mla.mla_sparse_attention(
+                **inputs, topk_indices=topk, cu_seqlens=cu, return_max_logits=True)[1]
+    tol = 1e-5 if dtype == FP32 else 1e-12
+    for name, value in results["cpu"].items():
+        finite = torch.isfinite(results["composed"][name])
+        assert torch.equal(torch.isfinite(value), finite), name
+        assert max_rel_err(value[finite], results["composed"][name][finite]) <= tol, name
+
+
+def test_auto_runs_the_cpu_sparse_core_on_cpu_tensors():
+    """auto on CPU tensors (indices that are not every causal prefix) takes the cpu sparse core:
+    its results equal, bit for bit, those of the core forced, and differ from the composed core's
+    (so the comparison tells the cores apart); explain names it."""
+    inputs, cu, topk = shape_inputs(SHAPES[2], FP32)
+    runs = {}
+    for core in SPARSE_CORES:
+        with torch_mla.use_core(core):
+            runs[core] = out_lse_grads(torch_mla.mla_sparse_attention, inputs, topk, cu_seqlens=cu)
+    assert all(torch.equal(runs["auto"][k], runs["cpu"][k]) for k in runs["auto"])
+    assert not all(torch.equal(runs["auto"][k], runs["composed"][k]) for k in runs["auto"])
+    choice = torch_mla.explain(*(inputs[k] for k in TENSOR_ARGS), topk_indices=topk, cu_seqlens=cu)
+    assert choice.core == "cpu" and not choice.dense_shortcut
+
+
 def test_rows_without_a_selection_give_zero_and_minus_inf():
     """−1 everywhere, or only entries past the query: out 0, lse −inf, no gradient through the row."""
     inputs, _ = make_inputs(SMALL, batch=1, seqlen=6, requires_grad=False)
@@ -136,22 +214,25 @@ def test_zero_width_selection():
     assert all(torch.equal(ours[k], torch.zeros_like(ours[k])) for k in TENSOR_ARGS)
 
 
-def test_index_order_and_padding_do_not_matter():
+@pytest.mark.parametrize("sparse_core", ["composed", "cpu"])
+def test_index_order_and_padding_do_not_matter(sparse_core):
     """Permuting a row, or adding −1 and entries past the query, gives the same results."""
     inputs, cu = make_inputs(SMALL, seqlens=[7, 4], requires_grad=False)
     topk = random_topk([7, 4], 5, seed=3)
     wider = torch.cat([topk, torch.full((11, 2), -1, dtype=torch.int32)], 1)
     shuffled = wider[:, torch.randperm(7, generator=torch.Generator().manual_seed(0))]
-    first = out_lse_grads(torch_mla.mla_sparse_attention, inputs, topk, cu_seqlens=cu)
-    second = out_lse_grads(torch_mla.mla_sparse_attention, inputs, shuffled.contiguous(), cu_seqlens=cu)
+    with torch_mla.use_core(sparse_core):
+        first = out_lse_grads(torch_mla.mla_sparse_attention, inputs, topk, cu_seqlens=cu)
+        second = out_lse_grads(torch_mla.mla_sparse_attention, inputs, shuffled.contiguous(), cu_seqlens=cu)
     for name in first:  # lse is −inf, equal in both, where a query selects nothing
         torch.testing.assert_close(second[name], first[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("sparse_core", ["composed", "cpu"])
+def test_gradcheck_float64(sparse_core):
     inputs, cu = make_inputs(TINY, seqlens=[4, 1, 3], dtype=FP64)
     topk = random_topk([4, 1, 3], 3, seed=2)
-    with torch_mla.use_core("composed"):
+    with torch_mla.use_core(sparse_core):
         assert torch.autograd.gradcheck(
             lambda q, c, r, w: torch_mla.mla_sparse_attention(q, c, r, w, topk, cu_seqlens=cu),
             tuple(inputs[k] for k in TENSOR_ARGS))
@@ -160,18 +241,21 @@ def test_gradcheck_float64():
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_full_selection_equals_dense_attention(packed):
     """k ≥ every length and every prefix selected: the dense shortcut is mla_attention (causal)
-    exactly; the composed core, forced, agrees to float32 rounding."""
+    exactly; the sparse cores, forced, agree to float32 rounding."""
     lengths = [5, 0, 3, 7] if packed else [7, 7]
     layout = dict(seqlens=lengths) if packed else dict(batch=2, seqlen=7)
     inputs, cu = make_inputs(SMALL, requires_grad=False, **layout)
     topk = prefix_topk(lengths, 9, seed=4, padded=not packed)
     dense = out_lse_grads(lambda topk_indices, **kw: torch_mla.mla_attention(**kw), inputs, topk, cu_seqlens=cu)
     shortcut = out_lse_grads(torch_mla.mla_sparse_attention, inputs, topk, cu_seqlens=cu)
-    with torch_mla.use_core("composed"):
-        composed = out_lse_grads(torch_mla.mla_sparse_attention, inputs, topk, cu_seqlens=cu)
+    forced = {}
+    for core in ("composed", "cpu"):
+        with torch_mla.use_core(core):
+            forced[core] = out_lse_grads(torch_mla.mla_sparse_attention, inputs, topk, cu_seqlens=cu)
     for name in dense:
         assert torch.equal(shortcut[name], dense[name]), name
-        assert max_rel_err(composed[name], dense[name]) <= 1e-5, name
+        for core, results in forced.items():
+            assert max_rel_err(results[name], dense[name]) <= 1e-5, f"{core} {name}"
 
 
 def test_max_logits_over_the_selected_pairs():
@@ -241,10 +325,11 @@ def op_args(inputs, cu, topk, core="composed"):
 SMALL_SCALE = (SMALL.nope + SMALL.rope) ** -0.5
 
 
+@pytest.mark.parametrize("sparse_core", ["composed", "cpu"])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]], ids=["padded", "packed"])
-def test_opcheck(shape):
+def test_opcheck(shape, sparse_core):
     inputs, cu, topk = shape_inputs(shape, FP32)
-    args = op_args(inputs, cu, topk)
+    args = op_args(inputs, cu, topk, sparse_core)
     torch.library.opcheck(torch.ops.torch_mla.mla_sparse_attention.default, args)
     out, lse, _ = torch.ops.torch_mla.mla_sparse_attention(*args)
     torch.library.opcheck(torch.ops.torch_mla.mla_sparse_attention_backward.default,
@@ -334,6 +419,56 @@ def test_bad_input(case):
 
 
 def test_a_core_without_a_sparse_form_is_named():
-    with torch_mla.use_core("cpu"), pytest.raises(ValueError, match=r'core "cpu" has no sparse form; '
-                                                                  r"a sparse call takes one of: auto, composed"):
+    with torch_mla.use_core("efficient"), pytest.raises(
+            ValueError, match=r'core "efficient" has no sparse form; a sparse call takes one of: auto, cpu, composed'):
         bad_call()
+
+
+# ---- explain -------------------------------------------------------------------------------------
+
+
+def explain_sparse(inputs, topk, cu=None, **kwargs):
+    return torch_mla.explain(*(inputs[k] for k in TENSOR_ARGS), topk_indices=topk, cu_seqlens=cu, **kwargs)
+
+
+def test_explain_a_sparse_call():
+    """Which sparse core runs and why each other core's sparse form declines, and why the dense
+    shortcut does not take the call."""
+    inputs, cu, topk = shape_inputs(SHAPES[2], FP32)
+    choice = explain_sparse(inputs, topk, cu)
+    assert choice.sparse and choice.core == "cpu" and not choice.dense_shortcut
+    assert tuple(choice.reasons) == ("dense shortcut", *torch_mla.cores.names())
+    assert choice.reasons["dense shortcut"] == "a row selects less than its whole causal prefix"
+    assert choice.reasons["cpu"] is None and choice.reasons["composed"] is None
+    for core in ("cudnn", "cuda", "efficient", "simt"):
+        assert choice.reasons[core] == "has no sparse form", core
+    assert "runs this sparse call on the 'cpu' core" in str(choice)
+    with torch_mla.use_core("composed"):
+        forced = explain_sparse(inputs, topk, cu)
+    assert forced.core == "composed"
+    assert forced.reasons["dense shortcut"] == 'a sparse core is named; only "auto" takes the shortcut'
+    assert explain_sparse(inputs, topk, cu, core="cpu").core == "cpu"
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_explain_the_dense_shortcut(packed):
+    """Every row selecting its whole causal prefix: the call runs as mla_attention, on the core
+    explain names for that dense call."""
+    lengths = [5, 0, 3, 7] if packed else [7, 7]
+    layout = dict(seqlens=lengths) if packed else dict(batch=2, seqlen=7)
+    inputs, cu = make_inputs(SMALL, requires_grad=False, **layout)
+    topk = prefix_topk(lengths, 9, seed=4, padded=not packed)
+    choice = explain_sparse(inputs, topk, cu)
+    assert choice.dense_shortcut and choice.reasons["dense shortcut"] is None
+    assert choice.core == torch_mla.explain(*(inputs[k] for k in TENSOR_ARGS), cu_seqlens=cu).core
+    assert "as dense causal attention" in str(choice)
+
+
+@pytest.mark.parametrize("case", ["outside the sequence", "repeated", "indices length"])
+def test_explain_checks_a_sparse_call_as_the_call_does(case):
+    packed, replace, message = BAD[case]
+    lengths = [3, 4] if packed else [4, 4]
+    layout = dict(seqlens=lengths) if packed else dict(batch=2, seqlen=4)
+    inputs, cu = make_inputs(SMALL, requires_grad=False, **layout)
+    with pytest.raises(ValueError, match=message):
+        explain_sparse(inputs, replace["topk_indices"], cu)

@@ -74,25 +74,47 @@ def use_backend(name: str) -> Iterator[None]:
     yield from _use(name, "torch_mla.use_backend")
 
 
+#: The first thing ``auto`` tries for a sparse call on CPU tensors (docs/design.md §16.5): running it
+#: as dense causal attention where every row selects its whole causal prefix.
+DENSE_SHORTCUT = "dense shortcut"
+
+
 @dataclass(frozen=True)
 class CoreChoice:
-    """The core a call takes, and for every core ``None`` (can serve) or why it cannot."""
+    """The core a call takes, and for every core ``None`` (can serve) or why it cannot.
+
+    For a sparse call (``sparse``: :func:`explain` with ``topk_indices``, or :func:`choose_core` with
+    ``sparse=True``) the reasons are about each core's sparse form, and :func:`explain`'s answer
+    starts with :data:`DENSE_SHORTCUT`: ``None`` where the call runs as dense causal attention
+    (``core`` is then the core :func:`torch_mla.mla_attention` takes), else why not.
+    """
     core: str
     reasons: Dict[str, Optional[str]]
+    sparse: bool = False
+
+    @property
+    def dense_shortcut(self) -> bool:
+        """Whether the call runs as dense causal attention (docs/design.md §16.5)."""
+        return DENSE_SHORTCUT in self.reasons and self.reasons[DENSE_SHORTCUT] is None
 
     def __str__(self) -> str:
-        lines = [f"torch_mla runs this call on the {self.core!r} core"]
-        lines += [f"  {name:<10} {'yes' if why is None else 'no: ' + why}" for name, why in self.reasons.items()]
+        if self.dense_shortcut:
+            head = f"torch_mla runs this sparse call as dense causal attention on the {self.core!r} core"
+        else:
+            head = f"torch_mla runs this {'sparse ' if self.sparse else ''}call on the {self.core!r} core"
+        width = max(10, *(len(name) for name in self.reasons))
+        lines = [head] + [f"  {name:<{width}} {'yes' if why is None else 'no: ' + why}"
+                          for name, why in self.reasons.items()]
         return "\n".join(lines)
 
 
-def _parse(text: str) -> CoreChoice:
+def _parse(text: str, sparse: bool = False) -> CoreChoice:
     core, *lines = text.strip().split("\n")
     reasons = {}
     for line in lines:
         name, verdict = line.split(": ", 1)
         reasons[name] = None if verdict == "yes" else verdict[len("no: "):]
-    return CoreChoice(core, reasons)
+    return CoreChoice(core, reasons, sparse)
 
 
 def _requested(core: Optional[str], backend: Optional[str], who: str) -> str:
@@ -106,15 +128,20 @@ def _requested(core: Optional[str], backend: Optional[str], who: str) -> str:
 
 
 def explain(q: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor, wkv_b: torch.Tensor, *,
-            cu_seqlens: Optional[torch.Tensor] = None, core: Optional[str] = None,
-            backend: Optional[str] = None) -> CoreChoice:
-    """Which core :func:`torch_mla.mla_attention` would run on these arguments, and why.
+            topk_indices: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+            core: Optional[str] = None, backend: Optional[str] = None) -> CoreChoice:
+    """Which core :func:`torch_mla.mla_attention` would run on these arguments, and why; with
+    ``topk_indices``, which :func:`torch_mla.mla_sparse_attention` would run (its sparse core, or
+    the dense shortcut and the dense core it takes, docs/design.md §16.5).
 
-    Takes the op's tensors (shapes as :func:`torch_mla.mla_attention`); reads no data. ``core``
-    defaults to the current one (:func:`use_core`, then ``TORCH_MLA_CORE``); ``backend`` is its
-    deprecated name.
+    Takes the op's tensors (shapes as the op); reads no data but the indices of a sparse call, which
+    it checks as the call does on CPU tensors. ``core`` defaults to the current one (:func:`use_core`, then
+    ``TORCH_MLA_CORE``); ``backend`` is its deprecated name.
     """
     requested = _requested(core, backend, "torch_mla.explain")
+    if topk_indices is not None:
+        return _parse(torch.ops.torch_mla._explain_sparse(q, kv_latent, k_rope, wkv_b, topk_indices, cu_seqlens,
+                                                          requested), sparse=True)
     return _parse(torch.ops.torch_mla._explain(q, kv_latent, k_rope, wkv_b, cu_seqlens, requested))
 
 
@@ -126,18 +153,19 @@ def compiled_kernel_archs() -> List[int]:
 def choose_core(*, device: str, capability: int = 0, dtype: torch.dtype, dim_nope: int, dim_rope: int,
                 dim_v: int, varlen: bool = False, deterministic: bool = False, cudnn_version: int = 0,
                 kernel_archs=(), simt_built: bool = False, core: str = "auto",
-                backend: Optional[str] = None) -> CoreChoice:
+                backend: Optional[str] = None, sparse: bool = False) -> CoreChoice:
     """The selection rule on a described call (no tensors, no device needed): for tests and tables.
 
     ``capability`` is 10·major + minor (90 = sm_90), ``cudnn_version`` 10000·major + 100·minor, and
     ``kernel_archs`` the archs our CUDA kernels are compiled for (empty: not compiled). ``core``:
-    the requested core (``backend`` is its deprecated name).
+    the requested core (``backend`` is its deprecated name). ``sparse``: the rule over the cores'
+    sparse forms (a sparse call's dense shortcut depends on its indices: :func:`explain` tells).
     """
     requested = _requested(None if backend is not None else core, backend, "torch_mla.cores.choose_core")
     text = torch.ops.torch_mla._choose_core(device, capability, dtype, dim_nope, dim_rope, dim_v, varlen,
                                             deterministic, cudnn_version, list(kernel_archs), simt_built,
-                                            requested)
-    return _parse(text)
+                                            requested, sparse)
+    return _parse(text, sparse)
 
 
 #: The orders of our kernels' CTAs (docs/design.md §10.2): the default first.

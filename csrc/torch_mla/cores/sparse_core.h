@@ -22,6 +22,9 @@
 #include <string>
 #include <vector>
 
+#include "torch_mla/cores/table.h"
+#include "torch_mla/layer/sequences.h"
+
 namespace torch_mla {
 
 struct SparseProblem {
@@ -51,7 +54,8 @@ struct SparseCore {
                           const at::Tensor& lse);
 };
 
-// Registers a sparse core at load time; `core` must outlive the program (a static object).
+// Registers a sparse core at load time; `core` must outlive the program (a static object), and its
+// row of the core table (cores/table.cpp) must give it a sparse form.
 struct SparseCoreRegistration {
   explicit SparseCoreRegistration(const SparseCore& core);
 };
@@ -59,13 +63,27 @@ struct SparseCoreRegistration {
 // The registered sparse core named `name`, or nullptr.
 const SparseCore* find_sparse_core(const std::string& name);
 
-// The names a sparse call accepts besides "auto": the registered sparse cores, in order.
+// The names a sparse call accepts besides "auto": the cores of the table with a sparse form, in its
+// order.
 std::vector<std::string> sparse_core_names();
 
-// The core name a sparse call records for its backward: a registered sparse core named (directly or
-// by TORCH_MLA_CORE for "auto") is kept; "auto" otherwise stays "auto", the layer's rule (§16.5):
-// the dense shortcut where the host-checked indices select every row's whole causal prefix, else
-// the first registered sparse core. Any other name is a ValueError listing the sparse cores.
+// The core name a sparse call records for its backward: a core with a sparse form named (directly
+// or by TORCH_MLA_CORE for "auto") is kept; "auto" otherwise stays "auto", which the device kernel
+// resolves (§16.5): the dense shortcut where it applies (dense_shortcut_declines), else the table's
+// rule over the sparse forms, choose_core(query, "auto", /*sparse=*/true). Any other name is a
+// ValueError listing the sparse cores.
 std::string resolve_sparse_core(const std::string& requested);
+
+// Why the dense shortcut (§16.5) does not run a sparse call, or nullptr where it does: only for
+// "auto", on CPU indices whose every row selects its whole causal prefix. CPU indices are checked
+// (check_topk_values_on_host, a ValueError naming a bad row) whatever the answer. `seqs` must have
+// its spans when the indices are on the CPU. A static string: nothing is built for a call served.
+const char* dense_shortcut_declines(const at::Tensor& topk_indices, const Sequences& seqs, const std::string& core);
+
+// explain_choice (cores/table.h) over the cores' sparse forms, for a sparse call that resolves to
+// `resolved` (resolve_sparse_core): the sparse core it takes on the first line, then one line per
+// core of the table, "name: yes" or "name: no: why". The dense shortcut, which depends on the
+// indices, is the caller's to add (ops/cores.cpp).
+std::string explain_sparse_choice(const CoreQuery& query, const std::string& resolved);
 
 }  // namespace torch_mla

@@ -110,12 +110,14 @@ std::string device_name(c10::DeviceType device) {
   return device == c10::DeviceType::CUDA ? "CUDA" : device == c10::DeviceType::CPU ? "CPU" : c10::DeviceTypeName(device);
 }
 
+const char* op_name(bool sparse) { return sparse ? "torch_mla.mla_sparse_attention" : "torch_mla.mla_attention"; }
+
 // "auto" or a core's name, else a ValueError listing the names.
-void check_core_name(const std::string& core) {
+void check_core_name(const std::string& core, bool sparse) {
   if (core == "auto" || find_entry(core) != nullptr) return;
   std::string list;
   for (const auto& name : core_names()) list += (list.empty() ? "" : ", ") + name;
-  TORCH_CHECK_VALUE(false, "torch_mla.mla_attention: core must be \"auto\" or one of ", list, "; got \"", core, "\"");
+  TORCH_CHECK_VALUE(false, op_name(sparse), ": core must be \"auto\" or one of ", list, "; got \"", core, "\"");
 }
 
 std::unordered_map<std::string, const AttentionCore*>& registry() {
@@ -129,13 +131,13 @@ const std::vector<CoreEntry>& core_table() {
   using c10::DeviceType;
   // host_spans: cpu and composed loop over the sequences on the host; efficient maps its packed
   // lse rows through them; cudnn takes padded calls only; cuda and simt read cu_seqlens in the
-  // kernels.
+  // kernels. Sparse forms: cpu and composed, every dtype their dense forms take.
   static const std::vector<CoreEntry> table = {
       {"cudnn", DeviceType::CUDA, true, cudnn_declines, false},
       {"cuda", DeviceType::CUDA, true, cuda_declines, false},
       {"efficient", DeviceType::CUDA, true, efficient_declines, true},
-      {"cpu", DeviceType::CPU, true, serves_all, true},
-      {"composed", std::nullopt, true, serves_all, true},
+      {"cpu", DeviceType::CPU, true, serves_all, true, serves_all},
+      {"composed", std::nullopt, true, serves_all, true, serves_all},
       {"simt", DeviceType::CPU, false, simt_declines, false},
   };
   return table;
@@ -147,14 +149,11 @@ std::vector<std::string> core_names() {
   return names;
 }
 
-namespace {
-
-Reason entry_reason(const CoreEntry& entry, const CoreQuery& query) {
+Reason entry_declines(const CoreEntry& entry, const CoreQuery& query, bool sparse) {
+  if (sparse && entry.sparse_declines == nullptr) return std::string("has no sparse form");
   if (entry.device && *entry.device != query.device) return "runs on " + device_name(*entry.device) + " tensors only";
-  return entry.declines(query);
+  return sparse ? entry.sparse_declines(query) : entry.declines(query);
 }
-
-}  // namespace
 
 std::vector<int> compiled_kernel_archs() {
   std::vector<int> archs;
@@ -183,35 +182,38 @@ namespace {
 
 std::atomic<int64_t> selections{0};
 
-// The first core `auto` may pick for the query. A declining core of the query's device builds its
-// reason string, so the last answer is kept per thread: a training loop repeats one query.
-std::string first_serving(const CoreQuery& query) {
-  thread_local std::optional<std::pair<CoreQuery, std::string>> last;
-  if (last && last->first == query) return last->second;
+// The first core `auto` may pick for the query (its sparse form when `sparse`). A declining core of
+// the query's device builds its reason string, so the last answer of each form is kept per thread:
+// a training loop repeats one query.
+std::string first_serving(const CoreQuery& query, bool sparse) {
+  thread_local std::optional<std::pair<CoreQuery, std::string>> last[2];
+  auto& cached = last[sparse ? 1 : 0];
+  if (cached && cached->first == query) return cached->second;
   for (const CoreEntry& entry : core_table()) {
     if (!entry.in_auto || (entry.device && *entry.device != query.device)) continue;
-    if (!entry.declines(query)) {
-      last.emplace(query, entry.name);
+    if (sparse && entry.sparse_declines == nullptr) continue;
+    if (!(sparse ? entry.sparse_declines : entry.declines)(query)) {
+      cached.emplace(query, entry.name);
       return entry.name;
     }
   }
-  TORCH_CHECK(false, "torch_mla.mla_attention: no attention core serves this call");  // composed serves all
+  TORCH_CHECK(false, op_name(sparse), ": no attention core serves this call");  // composed serves all
 }
 
 }  // namespace
 
 int64_t core_selections() { return selections.load(); }
 
-std::string choose_core(const CoreQuery& query, const std::string& core) {
-  if (core == "auto") return first_serving(query);
-  check_core_name(core);
-  const Reason why = entry_reason(*find_entry(core), query);
+std::string choose_core(const CoreQuery& query, const std::string& core, bool sparse) {
+  if (core == "auto") return first_serving(query, sparse);
+  check_core_name(core, sparse);
+  const Reason why = entry_declines(*find_entry(core), query, sparse);
   if (why) {
     std::string can;
     for (const CoreEntry& entry : core_table()) {
-      if (!entry_reason(entry, query)) can += (can.empty() ? "" : ", ") + std::string(entry.name);
+      if (!entry_declines(entry, query, sparse)) can += (can.empty() ? "" : ", ") + std::string(entry.name);
     }
-    TORCH_CHECK_VALUE(false, "torch_mla.mla_attention: core \"", core, "\" cannot serve this call: ", *why,
+    TORCH_CHECK_VALUE(false, op_name(sparse), ": core \"", core, "\" cannot serve this call: ", *why,
                       ". Cores that can: ", can);
   }
   return core;
@@ -280,7 +282,7 @@ std::string resolve_core_name(const at::Tensor& like, const c10::SymInt& dim_nop
   const std::string requested = requested_core(core);
   const auto device = like.device().type();
   if (device != c10::DeviceType::CPU && device != c10::DeviceType::CUDA) {
-    check_core_name(requested);
+    check_core_name(requested, /*sparse=*/false);
     return requested;
   }
   if (requested == "auto") ++selections;
@@ -297,7 +299,7 @@ std::string resolve_core_name(const at::Tensor& like, const c10::SymInt& dim_nop
 std::string explain_choice(const CoreQuery& query, const std::string& core) {
   std::string text = choose_core(query, requested_core(core)) + "\n";
   for (const CoreEntry& entry : core_table()) {
-    const Reason why = entry_reason(entry, query);
+    const Reason why = entry_declines(entry, query, /*sparse=*/false);
     text += std::string(entry.name) + (why ? ": no: " + *why : ": yes") + "\n";
   }
   return text;

@@ -42,6 +42,9 @@ struct CoreEntry {
   // cu_seqlens to the host, a device sync on CUDA (docs/design.md §3.2). The cores that read
   // cu_seqlens on the device need only max_seqlen.
   bool host_spans;
+  // The limits of the core's sparse form (docs/design.md §16.4), its device already matched;
+  // nullptr: the core has no sparse form.
+  Reason (*sparse_declines)(const CoreQuery&) = nullptr;
 };
 
 // Every core, in the order `auto` tries them (on each device, the rows of that device and of any).
@@ -53,7 +56,12 @@ std::vector<std::string> core_names();
 // The core for `core` ("auto" or a core name). "auto": the first core of the table for the
 // query's device that can serve it. A name: that core, or a ValueError naming why it cannot and
 // which can. Reason strings are built for a failure (and by explain_choice), not for a call served.
-std::string choose_core(const CoreQuery& query, const std::string& core);
+// `sparse`: the same rule over the cores' sparse forms (docs/design.md §16.4); a core without one
+// cannot serve.
+std::string choose_core(const CoreQuery& query, const std::string& core, bool sparse = false);
+
+// Why `entry` (its sparse form when `sparse`) cannot serve the query, or nullopt.
+Reason entry_declines(const CoreEntry& entry, const CoreQuery& query, bool sparse);
 
 // The table's row named `name`, or nullptr.
 const CoreEntry* find_entry(const std::string& name);

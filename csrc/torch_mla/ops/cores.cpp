@@ -1,14 +1,16 @@
 // Private ops over the core table (cores/table.h) for torch_mla.cores and tests: which core a call
-// takes and why, the selection rule on a described call, the table's names, the archs compiled,
+// (dense or sparse) takes and why, the selection rule on a described call, the table's names, the archs compiled,
 // the chunk-budget test hook (layer/chunking.h), the grid order of our kernels
 // (cores/cuda/grid_order.h) and the hot path's counters (docs/design.md §3.2, §10.1).
 #include <torch/library.h>
 
 #include "torch_mla/cores/cuda/grid_order.h"
+#include "torch_mla/cores/sparse_core.h"
 #include "torch_mla/cores/table.h"
 #include "torch_mla/layer/checks.h"
 #include "torch_mla/layer/chunking.h"
 #include "torch_mla/layer/sequences.h"
+#include "torch_mla/layer/sparse_checks.h"
 
 namespace torch_mla {
 namespace {
@@ -20,10 +22,31 @@ std::string explain(const at::Tensor& q, const at::Tensor& kv_latent, const at::
   return explain_choice(query_for(q, d.dim_nope, d.dim_rope, d.dim_v, d.varlen), std::string(core));
 }
 
-// The selection rule on a query given field by field, so that it can be tested on any machine.
+// _explain_sparse: the same for a sparse call (§16.4, §16.5): the core it runs on the first line
+// (mla_attention's core when the dense shortcut takes it), then "dense shortcut: yes" or
+// "dense shortcut: no: why", then each core's sparse form. Reads the indices (the shortcut depends
+// on them), and checks them as the call would.
+std::string explain_sparse(const at::Tensor& q, const at::Tensor& kv_latent, const at::Tensor& k_rope,
+                           const at::Tensor& wkv_b, const at::Tensor& topk_indices,
+                           const std::optional<at::Tensor>& cu_seqlens, c10::string_view core) {
+  const SparseDims s = check_sparse_inputs(q, kv_latent, k_rope, wkv_b, topk_indices, cu_seqlens);
+  const std::string name = resolve_sparse_core(std::string(core));
+  const CoreQuery query = query_for(q, s.mla.dim_nope, s.mla.dim_rope, s.mla.dim_v, s.mla.varlen);
+  const std::string lines = explain_sparse_choice(query, name);
+  const Sequences seqs = naming_errors_as(
+      kSparseOp, [&] { return make_sequences(s.mla, cu_seqlens, /*max_seqlen=*/0, topk_indices.is_cpu()); });
+  const char* declines = dense_shortcut_declines(topk_indices, seqs, name);
+  const size_t first = lines.find('\n');
+  const std::string chosen = declines == nullptr ? choose_core(query, requested_core("auto")) : lines.substr(0, first);
+  return chosen + "\ndense shortcut: " + (declines == nullptr ? std::string("yes") : std::string("no: ") + declines) +
+         lines.substr(first);
+}
+
+// The selection rule on a query given field by field, so that it can be tested on any machine;
+// `sparse`: the rule over the cores' sparse forms (without the dense shortcut, which needs indices).
 std::string choose_core_for(c10::string_view device, int64_t capability, at::ScalarType dtype, int64_t dim_nope,
                             int64_t dim_rope, int64_t dim_v, bool varlen, bool deterministic, int64_t cudnn_version,
-                            std::vector<int64_t> kernel_archs, bool simt_built, c10::string_view core) {
+                            std::vector<int64_t> kernel_archs, bool simt_built, c10::string_view core, bool sparse) {
   CoreQuery query;
   query.device = c10::Device(std::string(device)).type();
   query.capability = static_cast<int>(capability);
@@ -36,7 +59,8 @@ std::string choose_core_for(c10::string_view device, int64_t capability, at::Sca
   query.cudnn_version = cudnn_version;
   query.kernel_archs.assign(kernel_archs.begin(), kernel_archs.end());
   query.simt_built = simt_built;
-  return explain_choice(query, std::string(core));
+  return sparse ? explain_sparse_choice(query, resolve_sparse_core(std::string(core)))
+                : explain_choice(query, std::string(core));
 }
 
 // _resolve_core: the concrete core a call takes, for Python code that runs several calls as one
@@ -74,8 +98,12 @@ TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
   m.def("_explain(Tensor q, Tensor kv_latent, Tensor k_rope, Tensor wkv_b, Tensor? cu_seqlens, str core) -> str",
         TORCH_FN(explain));
   m.def("_choose_core(str device, int capability, ScalarType dtype, int dim_nope, int dim_rope, int dim_v, "
-        "bool varlen, bool deterministic, int cudnn_version, int[] kernel_archs, bool simt_built, str core) -> str",
+        "bool varlen, bool deterministic, int cudnn_version, int[] kernel_archs, bool simt_built, str core, "
+        "bool sparse=False) -> str",
         TORCH_FN(choose_core_for));
+  m.def("_explain_sparse(Tensor q, Tensor kv_latent, Tensor k_rope, Tensor wkv_b, Tensor topk_indices, "
+        "Tensor? cu_seqlens, str core) -> str",
+        TORCH_FN(explain_sparse));
   m.def("_core_names() -> str[]", TORCH_FN(core_names));
   m.def("_kernel_archs() -> int[]", TORCH_FN(kernel_archs));
   m.def("_set_chunk_elements(int n) -> int", TORCH_FN(set_chunk_elements));

@@ -24,7 +24,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -33,15 +32,11 @@
 
 #include "torch_mla/cores/core.h"
 #include "torch_mla/cores/cpu/cpu_blas.h"
+#include "torch_mla/cores/cpu/cpu_threads.h"
 #include "torch_mla/layer/math.h"
 
 namespace torch_mla {
 namespace {
-
-// The least work (FLOPs) that pays for one more thread. Below 2× this a problem runs on the
-// calling thread: an OpenMP team costs more than it saves on small problems, and spins badly when
-// the machine's cores are busy with other processes.
-constexpr double kMinThreadFlops = 1 << 23;
 
 struct Tiles {
   int64_t q, k;  // query rows × key columns of one score tile
@@ -64,32 +59,6 @@ Tiles forward_tiles(const CoreProblem& p) {
 Tiles backward_tiles(const CoreProblem& p) {
   const int64_t longest = longest_sequence(p);
   return {std::min<int64_t>(64, longest), std::min<int64_t>(128, longest)};
-}
-
-int64_t threads_for(double flops, int64_t items) {
-  if (at::in_parallel_region()) return 1;
-  const int64_t by_work = static_cast<int64_t>(flops / kMinThreadFlops);
-  return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), items, by_work}));
-}
-
-// Runs worker(take) on `threads` threads (the calling one alone when 1); take() hands out item
-// indices 0, 1, ... once each and −1 when none is left.
-template <typename Worker>
-void run_workers(int64_t threads, int64_t n_items, const Worker& worker) {
-  std::atomic<int64_t> next{0};
-  auto take = [&]() -> int64_t {
-    const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-    return i < n_items ? i : -1;
-  };
-  if (threads <= 1) {
-    const cpu::SingleThreadedBlas single;
-    worker(take);
-    return;
-  }
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    const cpu::SingleThreadedBlas single;
-    worker(take);
-  });
 }
 
 // Rows [row0, row0 + rows) of one head, `width` values from column `col` of a (T, H, *) tensor
@@ -140,7 +109,7 @@ void forward_kernel(const CoreProblem& p, const at::Tensor& q, const at::Tensor&
   }
   std::stable_sort(blocks.begin(), blocks.end(), [](const Block& a, const Block& b) { return a.pairs > b.pairs; });
   const int64_t n_items = static_cast<int64_t>(blocks.size()) * H;
-  const int64_t threads = threads_for(2.0 * pairs * H * (Dq + Dv), n_items);
+  const int64_t threads = cpu::threads_for(2.0 * pairs * H * (Dq + Dv), n_items);
 
   const scalar_t* q_ptr = q.const_data_ptr<scalar_t>();
   const scalar_t* kv_ptr = kv.const_data_ptr<scalar_t>();
@@ -155,7 +124,7 @@ void forward_kernel(const CoreProblem& p, const at::Tensor& q, const at::Tensor&
                cpu::scratch_bytes<acc_t>(t.k * Dv);
   }
 
-  run_workers(threads, n_items, [&](const auto& take) {
+  cpu::run_workers(threads, n_items, [&](const auto& take) {
     cpu::Scratch buf(scratch);
     acc_t* s_tile = buf.take<acc_t>(t.q * t.k);
     acc_t* acc = buf.take<acc_t>(t.q * Dv);
@@ -251,7 +220,7 @@ void backward_kernel(const CoreProblem& p, const at::Tensor& grad_out, const at:
   for (const SeqSpan& seq : p.seqs.spans) pairs += visible_pairs(0, seq.len, seq.len, p.causal);
   const int64_t n_items = static_cast<int64_t>(seq_order.size()) * H;
   // The backward does 2.5× the forward's FLOPs (docs/design.md §6).
-  const int64_t threads = threads_for(2.5 * 2.0 * pairs * H * (Dq + Dv), n_items);
+  const int64_t threads = cpu::threads_for(2.5 * 2.0 * pairs * H * (Dq + Dv), n_items);
 
   // D = rowsum(dO ⊙ O) per (token, head), the softmax-backward correction term.
   at::Tensor delta_t = at::empty({T, H}, dq_acc.options());
@@ -277,7 +246,7 @@ void backward_kernel(const CoreProblem& p, const at::Tensor& grad_out, const at:
     scratch += cpu::scratch_bytes<acc_t>(t.q * (Dq + Dv)) + cpu::scratch_bytes<acc_t>(t.k * (Dq + Dv));
   }
 
-  run_workers(threads, n_items, [&](const auto& take) {
+  cpu::run_workers(threads, n_items, [&](const auto& take) {
     cpu::Scratch buf(scratch);
     acc_t* p_tile = buf.take<acc_t>(t.q * t.k);
     acc_t* ds_tile = buf.take<acc_t>(t.q * t.k);

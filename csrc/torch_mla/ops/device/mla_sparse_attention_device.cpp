@@ -50,9 +50,19 @@ at::Tensor key_rows(const at::Tensor& topk_indices, const at::Tensor& starts) {
 // "auto" on host data whose every row selects its whole causal prefix (§16.5).
 bool check_entries(const at::Tensor& topk_indices, const Sequences& seqs, const at::Tensor& lengths,
                    const std::string& core) {
-  if (topk_indices.is_cpu()) return check_topk_values_on_host(topk_indices, seqs) && core == "auto";
+  if (topk_indices.is_cpu()) return dense_shortcut_declines(topk_indices, seqs, core) == nullptr;
   assert_topk_values_on_device(topk_indices, lengths);
   return false;
+}
+
+// The sparse core a call runs unless the dense shortcut takes it: the table's rule over the sparse
+// forms (cores/table.h) for "auto", else the named core once its limits are checked.
+const SparseCore& sparse_core(const at::Tensor& q, const SparseDims& s, const std::string& name) {
+  const std::string chosen = choose_core(query_for(q, s.mla.dim_nope, s.mla.dim_rope, s.mla.dim_v, s.mla.varlen),
+                                         name, /*sparse=*/true);
+  const SparseCore* core = find_sparse_core(chosen);
+  TORCH_INTERNAL_ASSERT(core != nullptr, "torch_mla.mla_sparse_attention: core \"", chosen, "\" is not registered");
+  return *core;
 }
 
 struct Problem {
@@ -68,12 +78,6 @@ Problem make_problem(const SparseDims& s, const at::Tensor& wkv_b, double softma
           w.narrow(1, 0, Dn), w.narrow(1, Dn, Dv)};
 }
 
-const SparseCore& sparse_core(const std::string& name) {
-  const SparseCore* core = find_sparse_core(name == "auto" ? sparse_core_names().front() : name);
-  TORCH_INTERNAL_ASSERT(core != nullptr, "torch_mla.mla_sparse_attention: core \"", name, "\" is not registered");
-  return *core;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_sparse_attention_device(
     const at::Tensor& q, const at::Tensor& kv_latent, const at::Tensor& k_rope, const at::Tensor& wkv_b,
     const at::Tensor& topk_indices, double softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
@@ -82,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_sparse_attention_device(
   const c10::OptionalDeviceGuard device_guard(q.device());
   const SparseDims s = check_sparse_inputs(q, kv_latent, k_rope, wkv_b, topk_indices, cu_seqlens);
   const std::string name = resolve_sparse_core(std::string(core));
+  const SparseCore& sparse = sparse_core(q, s, name);
   const Sequences seqs = sequences_for(q, s, cu_seqlens, max_seqlen);
   const int64_t T = seqs.tokens, H = s.mla.heads.expect_int();
   std::vector<int64_t> out_shape = q.sizes().vec();
@@ -104,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_sparse_attention_device(
     return {at::zeros(out_shape, q.options()), at::full(lse_shape, -inf, stats), max_logits};
   }
   const Problem problem = make_problem(s, wkv_b, softmax_scale, return_max_logits);
-  SparseOutputs o = sparse_core(name).forward(problem.p, q.reshape({T, H, -1}), kv_latent.reshape({T, -1}),
+  SparseOutputs o = sparse.forward(problem.p, q.reshape({T, H, -1}), kv_latent.reshape({T, -1}),
                                               k_rope.reshape({T, -1}), problem.w_k, problem.w_v,
                                               key_rows(topk_indices, starts));
   if (return_max_logits) max_logits = o.max_logits;
@@ -120,6 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_sparse_attention_
   const SparseDims s =
       check_sparse_backward_inputs(grad_out, q, kv_latent, k_rope, wkv_b, topk_indices, out, lse, cu_seqlens);
   const std::string name = resolve_sparse_core(std::string(core));
+  const SparseCore& sparse = sparse_core(q, s, name);
   const Sequences seqs = sequences_for(q, s, cu_seqlens, max_seqlen);
   const int64_t T = seqs.tokens, H = s.mla.heads.expect_int();
   const auto zeros = [](const at::Tensor& t) { return at::zeros_like(t, at::MemoryFormat::Contiguous); };
@@ -134,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_sparse_attention_
     });
   }
   const Problem problem = make_problem(s, wkv_b, softmax_scale, false);
-  const SparseGrads g = sparse_core(name).backward(
+  const SparseGrads g = sparse.backward(
       problem.p, grad_out.reshape({T, H, -1}), q.reshape({T, H, -1}), kv_latent.reshape({T, -1}),
       k_rope.reshape({T, -1}), problem.w_k, problem.w_v, key_rows(topk_indices, starts), out.reshape({T, H, -1}),
       lse.reshape({T, H}));
