@@ -1,6 +1,6 @@
 // Private ops over the core table (cores/table.h) for torch_mla.cores and tests: which core a call
-// (dense or sparse) takes and why, the selection rule on a described call, the table's names, the archs compiled,
-// the chunk-budget test hook (layer/chunking.h), the grid order of our kernels
+// (dense or sparse) takes and why, the selection rule on a described call, the table's names, the
+// archs compiled, the chunk-budget test hook (layer/chunking.h), the grid order of our kernels
 // (cores/cuda/grid_order.h) and the hot path's counters (docs/design.md §3.2, §10.1).
 #include <torch/library.h>
 
@@ -25,7 +25,7 @@ std::string explain(const at::Tensor& q, const at::Tensor& kv_latent, const at::
 // _explain_sparse: the same for a sparse call (§16.4, §16.5): the core it runs on the first line
 // (mla_attention's core when the dense shortcut takes it), then "dense shortcut: yes" or
 // "dense shortcut: no: why", then each core's sparse form. Reads the indices (the shortcut depends
-// on them), and checks them as the call would.
+// on them), and checks CPU ones as the call does.
 std::string explain_sparse(const at::Tensor& q, const at::Tensor& kv_latent, const at::Tensor& k_rope,
                            const at::Tensor& wkv_b, const at::Tensor& topk_indices,
                            const std::optional<at::Tensor>& cu_seqlens, c10::string_view core) {
