@@ -20,6 +20,9 @@ Methods (the same parameters and the same function; they differ in what they kee
   hf_sdpa_ckpt       hf_sdpa with the whole block under torch.utils.checkpoint
   up_proj_recompute  Megatron-style up-projection recompute, emulated by checkpointing the
                      K/V expansion and SDPA (both rerun in backward)
+  torch_mla_dsa      (only when named in --methods) the DSA block: torch_mla_latent's op with
+                     --topk indices per token (docs/design.md §13.7); saves them on top. The
+                     indices stand in for the indexer's: each query's last k positions
 
 Measures. Saved bytes: every storage autograd keeps for backward (torch_mla.SavedTensors,
 parameters excluded, the block's input included), per token. Peak memory: on CUDA
@@ -57,7 +60,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from torch_mla import SavedTensors
+from torch_mla import SavedTensors, mla_attention_block
 
 from baselines import ATTENTION_CORES, attention_block
 
@@ -70,6 +73,7 @@ class Method:
     save: str            # MultiHeadLatentAttention's save
     checkpoint_block: bool
     label: str
+    sparse: bool = False  # the block op with top-k indices (DsaBlock)
 
 
 METHODS: Dict[str, Method] = {
@@ -81,6 +85,12 @@ METHODS: Dict[str, Method] = {
     "hf_sdpa_ckpt": Method("sdpa", "q", True, "HF-style SDPA + checkpointed block"),
     "up_proj_recompute": Method("sdpa_recompute", "q", False, "up-projection recompute (Megatron-style)"),
 }
+
+#: Methods run only when --methods names them.
+OPT_IN_METHODS: Dict[str, Method] = {
+    "torch_mla_dsa": Method("torch_mla", "latent", False, "torch_mla DSA block (latent-only + indices)", True),
+}
+ALL_METHODS = {**METHODS, **OPT_IN_METHODS}
 
 PRESETS = {
     "cpu": dict(hidden=1024, heads=8, q_lora_rank=384, head_dims=(128, 64, 128, 512), dtype="float32",
@@ -104,6 +114,7 @@ class Spec:
     head_dims: Sequence[int]  # Dn, Dr, Dv, Dc
     threads: Optional[int] = None
     seed: int = 0
+    topk: int = 2048  # the DSA block's k (DeepSeek-V3.2's index_topk)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -140,13 +151,40 @@ def context_parallel_bytes_per_token(heads: int, dim_nope: int, dim_rope: int, d
 # ---------------------------------------------------------------------------------------------
 # The block under test
 
+class DsaBlock(torch.nn.Module):
+    """A MultiHeadLatentAttention(save="latent")'s projections with the DSA block op after them:
+    mla_attention_block with topk_indices (docs/design.md §13.7). The indices stand in for the
+    indexer's: each query's last k positions, int32 (B, S, k) made per call as an indexer's would
+    be (what the block keeps does not depend on which positions)."""
+
+    def __init__(self, attn: torch.nn.Module, topk: int):
+        super().__init__()
+        self.attn, self.topk = attn, topk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn
+        window = torch.arange(x.shape[-2], device=x.device)[:, None] - torch.arange(self.topk, device=x.device)
+        topk_indices = torch.where(window >= 0, window, -1).int().expand(*x.shape[:-1], self.topk).contiguous()
+        cos, sin = a.rotation(x)
+        q_norm = a.q_a_layernorm
+        return mla_attention_block(
+            x if a.q_a_proj is None else a.q_a_proj(x), None if q_norm is None else q_norm.weight,
+            (a.q_proj if a.q_a_proj is None else a.q_b_proj).weight, a.kv_a_proj_with_mqa(x),
+            a.kv_a_layernorm.weight, a.kv_b_proj.weight, a.o_proj.weight, a.o_proj.bias, cos, sin,
+            num_heads=a.num_heads, softmax_scale=a.glue.op_scale,
+            q_norm_eps=1e-6 if q_norm is None else q_norm.variance_epsilon,
+            kv_norm_eps=a.kv_a_layernorm.variance_epsilon, rope_interleave=a.glue.rope_interleave,
+            head_chunks=a.head_chunks, topk_indices=topk_indices)
+
+
 def make_block(spec: Spec, method: Method) -> torch.nn.Module:
     dn, dr, dv, dc = spec.head_dims
     torch.manual_seed(spec.seed)
-    return attention_block(
+    block = attention_block(
         method.core, hidden_size=spec.hidden, num_heads=spec.heads, q_lora_rank=spec.q_lora_rank,
         kv_lora_rank=dc, qk_nope_head_dim=dn, qk_rope_head_dim=dr, v_head_dim=dv, save=method.save,
         device=spec.device, dtype=spec.torch_dtype)
+    return DsaBlock(block, spec.topk) if method.sparse else block
 
 
 def block_forward(block: torch.nn.Module, method: Method) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -178,7 +216,7 @@ def _error(exc: BaseException) -> str:
 
 def memory_point(spec: Spec, name: str, seqlen: int) -> dict:
     """Saved bytes and peak memory of one forward+backward of the block at length seqlen."""
-    method = METHODS[name]
+    method = ALL_METHODS[name]
     block = make_block(spec, method)
     forward = block_forward(block, method)
     params = list(block.parameters())
@@ -357,7 +395,7 @@ def _timed_step(device, forward: Callable[[], torch.Tensor], grad_out: torch.Ten
 def _prepare_block(spec: Spec, name: str, seqlen: int) -> Callable[[], tuple]:
     """One training step of the block (forward, then backward), returning its forward and backward
     wall ms and the process's CPU ms (all threads) of the step."""
-    method = METHODS[name]
+    method = ALL_METHODS[name]
     block = make_block(spec, method)
     forward = block_forward(block, method)
     x = hidden_states(spec, seqlen)
@@ -516,7 +554,7 @@ def plot(path: Path, title: str, rows: Sequence[dict], panels: Sequence[tuple]) 
         for name in names:
             pts = [(r["seqlen"], r[key]) for r in rows if r["method"] == name and not r.get("error")]
             if pts:
-                ax.plot(*zip(*pts), marker="o", markersize=3, label=METHODS[name].label)
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=ALL_METHODS[name].label)
         ax.set_xscale("log", base=2)
         if logy:
             ax.set_yscale("log")
@@ -605,7 +643,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default bfloat16 on CUDA, float32 on the CPU")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(ALL_METHODS), default=list(METHODS),
+                        help=f"default: all but {', '.join(OPT_IN_METHODS)}")
+    parser.add_argument("--topk", type=int, default=2048,
+                        help="k of torch_mla_dsa, top-k indices per token (default 2048, DeepSeek-V3.2's)")
     parser.add_argument("--seqlens", type=int, nargs="+",
                         help="S values for both suites (default: CUDA 1024 4096 16384; CPU memory "
                              "256 to 2048, speed 256 to 1024)")
@@ -641,7 +682,7 @@ def main(argv=None) -> dict:
     q_lora = pick("q_lora_rank")
     spec = Spec(device=args.device, dtype=pick("dtype"), batch=args.batch, hidden=pick("hidden"),
                 heads=pick("heads"), q_lora_rank=q_lora or None, head_dims=tuple(pick("head_dims")),
-                threads=pick("threads"))
+                threads=pick("threads"), topk=args.topk)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     out = Path(args.out)

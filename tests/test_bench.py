@@ -64,6 +64,18 @@ def test_saved_bytes_follow_what_each_method_keeps(run, seqlen):
     assert saved["hf_eager"] > saved["hf_sdpa"]
 
 
+def test_dsa_block_keeps_the_latent_blocks_bytes_and_the_indices(tmp_path):
+    """--methods torch_mla_dsa (opt-in): per token what torch_mla_latent keeps plus 4·k bytes of
+    int32 indices (k below S: the sparse core runs)."""
+    topk = 16
+    results = bench.main(["memory", "--out", str(tmp_path), *TINY, "--methods", "torch_mla_latent", "torch_mla_dsa",
+                          "--topk", str(topk)])
+    rows = results["memory"]
+    assert not any(r.get("error") for r in rows)
+    for seqlen in SEQLENS:
+        assert per_token(rows, "torch_mla_dsa", seqlen) == per_token(rows, "torch_mla_latent", seqlen) + 4 * topk
+
+
 def test_saved_bytes_per_token_do_not_grow_with_s_without_a_score_matrix(run):
     rows = run[1]["memory"]
     short, long = SEQLENS

@@ -134,6 +134,7 @@ def mla_attention_block(
     cu_seqlens: Optional[torch.Tensor] = None,
     max_seqlen: Optional[int] = None,
     head_chunks: Optional[int] = None,
+    topk_indices: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The attention block from q_a_proj's and kv_a_proj_with_mqa's outputs to o_proj's:
     ``o_proj(mla_attention(rope(rms_norm(q_a) @ wq_b.T), rms_norm(kv_a[..., :Dc]), rope(kv_a[..., Dc:])))``.
@@ -151,7 +152,12 @@ def mla_attention_block(
         wkv_b:          (H*(Dn+Dv), Dc) kv_b_proj.weight
         wo, bo:         (hidden, H*Dv), (hidden,) or None  o_proj's weight and bias
         cos, sin:       (B, S, Dr/2)   | (T, Dr/2)
+        topk_indices:   (B, S, k)      | (T, k) int32 or None, as :func:`mla_sparse_attention`
         returns         (B, S, hidden) | (T, hidden)
+
+    With ``topk_indices`` the attention is :func:`mla_sparse_attention` on them (causal only): the
+    DeepSeek Sparse Attention block (docs/design.md §13.7), which saves topk_indices on top of the
+    set above.
 
     ``softmax_scale=None`` means ``(Dn+Dr) ** -0.5``. ``head_chunks``: the heads run in this many
     groups of ``ceil(H / head_chunks)``, forward and backward, so that only one group's q, out
@@ -163,7 +169,7 @@ def mla_attention_block(
     return torch.ops.torch_mla.mla_attention_block(
         q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, int(num_heads),
         float(softmax_scale), float(q_norm_eps), float(kv_norm_eps), bool(causal), bool(rope_interleave),
-        cu_seqlens, 0 if max_seqlen is None else max_seqlen, current_core(), **chunks)
+        cu_seqlens, 0 if max_seqlen is None else max_seqlen, current_core(), **chunks, topk_indices=topk_indices)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -1,9 +1,12 @@
 // torch_mla::mla_attention (C++ API) against the naive reference: forward, backward, varlen,
 // causal and not, options, argument errors, and what the autograd graph keeps alive.
 #include <cmath>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "test_support.h"  // torch, torch_mla and Catch, in the order they need
+#include "torch_mla/ops/mla_attention_block.h"
 
 using namespace torch_mla_test;
 
@@ -277,4 +280,40 @@ TEST_CASE("mla_sparse_attention selecting every causal prefix equals mla_attenti
   CHECK_THROWS_WITH(torch_mla::mla_sparse_attention(x.q, x.kv_latent, x.k_rope, x.wkv_b, topk,
                                                     torch_mla::MlaOptions().causal(false)),
                     Catch::Contains("sparse attention is causal only"));
+}
+
+TEST_CASE("mla_attention_block with topk_indices selecting every prefix equals the dense block in float64",
+          "[sparse][block]") {
+  // docs/design.md §13.7 through the C++ entry point (ops/mla_attention_block.h): the composed
+  // sparse core computes the absorbed form, the dense block the expanded one.
+  const int64_t heads = 3, nope = 8, rope = 4, v = 6, latent = 16, q_latent = 12, hidden = 10, seqlen = 6, k = 8;
+  torch::manual_seed(0);
+  const auto opts = torch::TensorOptions().dtype(torch::kDouble);
+  std::vector<torch::Tensor> leaves = {
+      torch::randn({2, seqlen, q_latent}, opts), torch::rand({q_latent}, opts) + 0.5,
+      torch::randn({heads * (nope + rope), q_latent}, opts) / std::sqrt(static_cast<double>(q_latent)),
+      torch::randn({2, seqlen, latent + rope}, opts), torch::rand({latent}, opts) + 0.5,
+      torch::randn({heads * (nope + v), latent}, opts) / std::sqrt(static_cast<double>(latent)),
+      torch::randn({hidden, heads * v}, opts) / std::sqrt(static_cast<double>(heads * v)),
+      torch::randn({hidden}, opts)};
+  for (auto& t : leaves) t.requires_grad_(true);
+  const auto angles = torch::rand({2, seqlen, rope / 2}, opts) * 6.28;
+  auto row = torch::full({k}, -1, torch::kInt);
+  row.narrow(0, 0, seqlen).copy_(torch::arange(seqlen, torch::kInt));
+  const auto topk = row.expand({2, seqlen, k}).contiguous();
+  const auto block = [&](const std::optional<at::Tensor>& indices, c10::string_view core) {
+    return torch_mla::mla_attention_block(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], leaves[5], leaves[6],
+                                          leaves[7], angles.cos(), angles.sin(), heads, 0.3, 1e-6, 1e-6,
+                                          /*causal=*/true, /*rope_interleave=*/true, std::nullopt, 0, core,
+                                          /*head_chunks=*/2, indices);
+  };
+  const auto dense = block(std::nullopt, "auto");
+  const auto sparse = block(topk, "composed");
+  CHECK(max_rel_err(sparse, dense) <= 1e-12);
+  const auto grads = grads_of(sparse, leaves);
+  const auto dense_grads = grads_of(dense, leaves);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    CAPTURE(i);
+    CHECK(max_rel_err(grads[i], dense_grads[i]) <= 1e-12);
+  }
 }

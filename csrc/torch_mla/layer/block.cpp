@@ -9,7 +9,9 @@
 #include "torch_mla/layer/checks.h"
 #include "torch_mla/layer/q_expand.h"
 #include "torch_mla/layer/rms_norm.h"
+#include "torch_mla/layer/sparse_checks.h"
 #include "torch_mla/ops/mla_attention.h"
+#include "torch_mla/ops/mla_sparse_attention.h"
 
 namespace torch_mla {
 namespace {
@@ -73,6 +75,34 @@ ChunkQ chunk_q(const BlockArgs& a, const at::Tensor& c_q, const HeadChunk& chunk
   return q;
 }
 
+// One head group's attention, (out, lse): mla_attention, or mla_sparse_attention on the call's
+// topk_indices (§13.7); errors name the block.
+std::tuple<at::Tensor, at::Tensor> chunk_attention(const BlockArgs& a, const at::Tensor& q, const BlockLatents& l,
+                                                   const HeadChunk& chunk) {
+  return naming_errors_as(kOp, [&] {
+    auto [out, lse, ignored] =
+        is_given(a.topk_indices)
+            ? mla_sparse_attention(q, l.kv_latent, l.k_rope, chunk.wkv_b, *a.topk_indices, a.softmax_scale,
+                                   a.cu_seqlens, a.max_seqlen, a.core)
+            : mla_attention(q, l.kv_latent, l.k_rope, chunk.wkv_b, a.softmax_scale, a.causal, a.cu_seqlens,
+                            a.max_seqlen, a.core);
+    return std::make_tuple(std::move(out), std::move(lse));
+  });
+}
+
+// The backward of chunk_attention: (grad_q, grad_kv_latent, grad_k_rope, grad_wkv_b) of the group.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_attention_backward(
+    const BlockArgs& a, const at::Tensor& grad_out, const at::Tensor& q, const BlockLatents& l,
+    const HeadChunk& chunk, const at::Tensor& out, const at::Tensor& lse) {
+  return naming_errors_as(kOp, [&] {
+    return is_given(a.topk_indices)
+               ? mla_sparse_attention_backward(grad_out, q, l.kv_latent, l.k_rope, chunk.wkv_b, *a.topk_indices,
+                                               out, lse, a.softmax_scale, a.cu_seqlens, a.max_seqlen, a.core)
+               : mla_attention_backward(grad_out, q, l.kv_latent, l.k_rope, chunk.wkv_b, out, lse, a.softmax_scale,
+                                        a.causal, a.cu_seqlens, a.max_seqlen, a.core);
+  });
+}
+
 // sum += part (sum taken over when undefined; an undefined part adds nothing).
 void accumulate(at::Tensor& sum, at::Tensor part) {
   if (!part.defined()) return;
@@ -106,7 +136,8 @@ BlockDims block_dims(const BlockArgs& a) {
 
 void check_block_inputs(const BlockArgs& a) {
   const auto& [q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads, softmax_scale,
-               q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens, max_seqlen, core, head_chunks] = a;
+               q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens, max_seqlen, core, head_chunks,
+               topk_indices] = a;
   TORCH_CHECK_VALUE(head_chunks >= 1, kOp, "head_chunks must be >= 1 (the number of head groups), got ", head_chunks);
   TORCH_CHECK_VALUE(q_a.defined() && wq_b.defined() && kv_a.defined() && kv_norm_weight.defined() &&
                         wkv_b.defined() && wo.defined() && cos.defined() && sin.defined(),
@@ -137,6 +168,10 @@ void check_block_inputs(const BlockArgs& a) {
   if (is_given(q_norm_weight)) check_rms_norm_inputs(q_a, *q_norm_weight, kOp, "q_a", "q_norm_weight");
   check_rms_norm_inputs(kv_a.narrow_symint(-1, 0, dim_latent), kv_norm_weight, kOp, "kv_a[..., :Dc]",
                         "kv_norm_weight");
+  if (is_given(topk_indices)) {
+    TORCH_CHECK_VALUE(causal, kOp, "causal must be True with topk_indices (sparse attention is causal only)");
+    check_topk_layout(q_a, "q_a", *topk_indices, varlen, kOp);
+  }
   const BlockDims d = block_dims(a);
   TORCH_CHECK_VALUE(wkv_b.sym_size(0) % num_heads == 0 && d.v >= 1, kOp,
                     "wkv_b must have shape (H*(Dn+Dv), Dc) with H = ", num_heads, ", Dn = ", d.nope,
@@ -163,10 +198,7 @@ BlockForward block_forward(const BlockArgs& a) {
   // y = Σ over head groups of out_g · wo_gᵀ: one group's q and out at a time (docs/design.md
   // §13.6), the sum accumulated in y by GEMMs with beta = 1.
   for (const HeadChunk& chunk : head_chunks_of(a, block_dims(a))) {
-    const at::Tensor out = naming_errors_as(kOp, [&] {
-      return std::get<0>(mla_attention(chunk_q(a, l.c_q, chunk).q, l.kv_latent, l.k_rope, chunk.wkv_b,
-                                       a.softmax_scale, a.causal, a.cu_seqlens, a.max_seqlen, a.core));
-    });
+    const at::Tensor out = std::get<0>(chunk_attention(a, chunk_q(a, l.c_q, chunk).q, l, chunk));
     const at::Tensor out_rows = out.flatten(-2);
     if (!f.y.defined()) {
       f.y = at::linear(out_rows, chunk.wo, a.bo);
@@ -184,7 +216,8 @@ std::array<at::Tensor, kNumBlockTensors> block_backward(const BlockArgs& a, cons
   std::array<at::Tensor, kNumBlockTensors> grads;
   const auto need = [&](BlockInput i) { return needs[i]; };
   const auto& [q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads, softmax_scale,
-               q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens, max_seqlen, core, head_chunks] = a;
+               q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens, max_seqlen, core, head_chunks,
+               topk_indices] = a;
   const bool need_rope = need(kCos) || need(kSin);
   BlockLatents l = block_latents(a, q_rstd, kv_rstd);
   const bool need_c_q = need(kQA) || need(kQNorm);
@@ -199,21 +232,14 @@ std::array<at::Tensor, kNumBlockTensors> block_backward(const BlockArgs& a, cons
   for (const HeadChunk& chunk : head_chunks_of(a, d)) {
     ChunkQ q = chunk_q(a, l.c_q, chunk);
     if (!need_rope) q.projected = at::Tensor();
-    auto [out, lse, ignored] = naming_errors_as(kOp, [&] {
-      return mla_attention(q.q, l.kv_latent, l.k_rope, chunk.wkv_b, softmax_scale, causal, cu_seqlens, max_seqlen,
-                           core);
-    });
+    auto [out, lse] = chunk_attention(a, q.q, l, chunk);
     // o_proj over the group's heads: y = out·woᵀ + bo, so dwo = dyᵀ·out and dout = dy·wo.
     if (need(kWo)) {
       place(grads[kWo], at::mm(grad_y_rows.t(), out.flatten(-2).reshape_symint({-1, chunk.wo.sym_size(1)})), wo, 1,
             d.v * chunk.first);
     }
     at::Tensor grad_out = at::matmul(grad_y, chunk.wo).view_symint(out.sym_sizes());
-    auto [grad_q, grad_latent, grad_rope, grad_w] = naming_errors_as(kOp, [&] {
-      return mla_attention_backward(
-          grad_out, q.q, l.kv_latent, l.k_rope, chunk.wkv_b, out, lse, softmax_scale, causal, cu_seqlens, max_seqlen,
-          core);
-    });
+    auto [grad_q, grad_latent, grad_rope, grad_w] = chunk_attention_backward(a, grad_out, q.q, l, chunk, out, lse);
     out = lse = grad_out = q.q = at::Tensor();
     place(grads[kWkvB], std::move(grad_w), wkv_b, 0, (d.nope + d.v) * chunk.first);
     accumulate(grad_kv_latent, std::move(grad_latent));

@@ -8,7 +8,8 @@
 //   out       = mla_attention(q, kv_latent, k_rope, wkv_b)
 //   y         = out.flatten(-2) · woᵀ + bo          (o_proj)
 // Shapes: ops/mla_attention_block.h. The heads run in `head_chunks` groups, forward and backward
-// (docs/design.md §13.6): only one group's q, out and attention transients exist at a time.
+// (docs/design.md §13.6): only one group's q, out and attention transients exist at a time. With
+// topk_indices the attention is mla_sparse_attention on them (the DSA block, docs/design.md §13.7).
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymInt.h>
 
@@ -33,9 +34,11 @@ struct BlockArgs {
   c10::SymInt max_seqlen;
   std::string core;
   int64_t head_chunks = 1;
+  std::optional<at::Tensor> topk_indices;  // given: sparse attention (§13.7)
 };
 
-// Positions of the tensor inputs in the schema (and in block_backward's result).
+// Positions of the differentiable tensor inputs in the schema (and in block_backward's result);
+// topk_indices, last in the schema, has no grad.
 enum BlockInput { kQA, kQNorm, kWqB, kKvA, kKvNorm, kWkvB, kWo, kBo, kCos, kSin, kNumBlockTensors };
 
 // Checks the block's own arguments (the rest: check_q_latent_inputs, mla_attention).

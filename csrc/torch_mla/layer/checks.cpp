@@ -194,7 +194,8 @@ int64_t check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t tokens, in
 }
 
 std::string renamed_message(const std::string& message, const char* op) {
-  for (const char* inner : {"torch_mla.mla_attention_backward: ", "torch_mla.mla_attention: "}) {
+  for (const char* inner : {"torch_mla.mla_attention_backward: ", "torch_mla.mla_attention: ",
+                            "torch_mla.mla_sparse_attention: "}) {
     const std::string prefix(inner);
     if (message.rfind(prefix, 0) == 0) return op + message.substr(prefix.size());
   }

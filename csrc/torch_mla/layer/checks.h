@@ -48,8 +48,8 @@ MlaDims check_mla_backward_inputs(
 // Returns the longest sequence length.
 int64_t check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t tokens, int64_t max_seqlen);
 
-// `message` of an error that mla_attention or its backward raised ("torch_mla.mla_attention: …"),
-// naming `op` ("torch_mla.mla_attention_block: ") instead: the op the user called.
+// `message` of an error that mla_attention, its backward or mla_sparse_attention raised
+// ("torch_mla.mla_attention: …"), naming `op` ("torch_mla.mla_attention_block: ") instead: the op the user called.
 std::string renamed_message(const std::string& message, const char* op);
 
 // f(), a call of mla_attention (or its backward) made by the op named `op`: an error it raises is

@@ -6,34 +6,31 @@
 #include <vector>
 
 namespace torch_mla {
-namespace {
-
-void check_topk_layout(const at::Tensor& q, const at::Tensor& topk_indices, const MlaDims& d) {
-  const char* shape = d.varlen ? "(T, k)" : "(B, S, k)";
-  TORCH_CHECK_VALUE(topk_indices.defined(), kSparseOp, "topk_indices must be a defined tensor");
-  TORCH_CHECK_VALUE(topk_indices.scalar_type() == at::kInt, kSparseOp, "topk_indices must be int32 of shape ",
-                    shape, ", got ", topk_indices.scalar_type());
-  TORCH_CHECK_VALUE(topk_indices.device() == q.device(), kSparseOp,
-                    "topk_indices must be on the same device as q (", q.device(), "), got ", topk_indices.device());
-  const int64_t rank = d.varlen ? 2 : 3;
-  TORCH_CHECK_VALUE(topk_indices.dim() == rank, kSparseOp, "topk_indices must have shape ", shape,
-                    d.varlen ? " (packed, cu_seqlens given)" : " (padded batch)", ", got a ", topk_indices.dim(),
+void check_topk_layout(const at::Tensor& lead, const char* lead_name, const at::Tensor& topk_indices, bool varlen,
+                       const char* op) {
+  const char* shape = varlen ? "(T, k)" : "(B, S, k)";
+  TORCH_CHECK_VALUE(topk_indices.defined(), op, "topk_indices must be a defined tensor");
+  TORCH_CHECK_VALUE(topk_indices.scalar_type() == at::kInt, op, "topk_indices must be int32 of shape ", shape,
+                    ", got ", topk_indices.scalar_type());
+  TORCH_CHECK_VALUE(topk_indices.device() == lead.device(), op, "topk_indices must be on the same device as ",
+                    lead_name, " (", lead.device(), "), got ", topk_indices.device());
+  const int64_t rank = varlen ? 2 : 3;
+  TORCH_CHECK_VALUE(topk_indices.dim() == rank, op, "topk_indices must have shape ", shape,
+                    varlen ? " (packed, cu_seqlens given)" : " (padded batch)", ", got a ", topk_indices.dim(),
                     "-D tensor of shape ", topk_indices.sym_sizes());
   for (int64_t i = 0; i < rank - 1; ++i) {
-    TORCH_CHECK_VALUE(topk_indices.sym_size(i) == q.sym_size(i), kSparseOp, "topk_indices must have shape ", shape,
-                      " with ", d.varlen ? "T" : (i == 0 ? "B" : "S"), " = ", q.sym_size(i),
-                      " (from q), got shape ", topk_indices.sym_sizes());
+    TORCH_CHECK_VALUE(topk_indices.sym_size(i) == lead.sym_size(i), op, "topk_indices must have shape ", shape,
+                      " with ", varlen ? "T" : (i == 0 ? "B" : "S"), " = ", lead.sym_size(i), " (from ", lead_name,
+                      "), got shape ", topk_indices.sym_sizes());
   }
 }
-
-}  // namespace
 
 SparseDims check_sparse_inputs(const at::Tensor& q, const at::Tensor& kv_latent, const at::Tensor& k_rope,
                                const at::Tensor& wkv_b, const at::Tensor& topk_indices,
                                const std::optional<at::Tensor>& cu_seqlens) {
   SparseDims s;
   s.mla = naming_errors_as(kSparseOp, [&] { return check_mla_inputs(q, kv_latent, k_rope, wkv_b, cu_seqlens); });
-  check_topk_layout(q, topk_indices, s.mla);
+  check_topk_layout(q, "q", topk_indices, s.mla.varlen, kSparseOp);
   s.topk = topk_indices.sym_size(-1);
   return s;
 }
@@ -46,7 +43,7 @@ SparseDims check_sparse_backward_inputs(const at::Tensor& grad_out, const at::Te
   s.mla = naming_errors_as(kSparseOp, [&] {
     return check_mla_backward_inputs(grad_out, q, kv_latent, k_rope, wkv_b, out, lse, cu_seqlens);
   });
-  check_topk_layout(q, topk_indices, s.mla);
+  check_topk_layout(q, "q", topk_indices, s.mla.varlen, kSparseOp);
   s.topk = topk_indices.sym_size(-1);
   return s;
 }

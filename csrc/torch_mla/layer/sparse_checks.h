@@ -23,6 +23,12 @@ SparseDims check_sparse_inputs(const at::Tensor& q, const at::Tensor& kv_latent,
                                const at::Tensor& wkv_b, const at::Tensor& topk_indices,
                                const std::optional<at::Tensor>& cu_seqlens);
 
+// topk_indices' dtype, device and shape against `lead`, the tensor named `lead_name` whose leading
+// (B, S) | (T,) dimensions it shares; a ValueError starting with `op` otherwise. The layout part of
+// check_sparse_inputs, also run by the DSA block (docs/design.md §13.7) against q_a.
+void check_topk_layout(const at::Tensor& lead, const char* lead_name, const at::Tensor& topk_indices, bool varlen,
+                       const char* op);
+
 // Additionally grad_out, out and lse against the forward arguments.
 SparseDims check_sparse_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& kv_latent,
                                         const at::Tensor& k_rope, const at::Tensor& wkv_b,

@@ -15,13 +15,14 @@ TORCH_LIBRARY_FRAGMENT(torch_mla, m) {
       "Tensor kv_norm_weight, Tensor wkv_b, Tensor wo, Tensor? bo, Tensor cos, Tensor sin, int num_heads, "
       "float softmax_scale, float q_norm_eps, float kv_norm_eps, bool causal, bool rope_interleave, "
       "Tensor? cu_seqlens, SymInt max_seqlen, str core=\"auto\", int head_chunks=" +
-      std::to_string(kDefaultHeadChunks) + ") -> Tensor";
+      std::to_string(kDefaultHeadChunks) + ", Tensor? topk_indices=None) -> Tensor";
   m.def(schema.c_str(), {at::Tag::pt2_compliant_tag});
   m.def(
       "_mla_attention_block_with_rstd(Tensor q_a, Tensor? q_norm_weight, Tensor wq_b, Tensor kv_a, "
       "Tensor kv_norm_weight, Tensor wkv_b, Tensor wo, Tensor? bo, Tensor cos, Tensor sin, int num_heads, "
       "float softmax_scale, float q_norm_eps, float kv_norm_eps, bool causal, bool rope_interleave, "
-      "Tensor? cu_seqlens, SymInt max_seqlen, str core, int head_chunks) -> (Tensor y, Tensor q_rstd, Tensor kv_rstd)",
+      "Tensor? cu_seqlens, SymInt max_seqlen, str core, int head_chunks, Tensor? topk_indices) "
+      "-> (Tensor y, Tensor q_rstd, Tensor kv_rstd)",
       {at::Tag::pt2_compliant_tag});
 }
 
@@ -46,13 +47,14 @@ at::Tensor mla_attention_block(
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
     c10::string_view core,
-    int64_t head_chunks) {
+    int64_t head_chunks,
+    const std::optional<at::Tensor>& topk_indices) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_mla::mla_attention_block", "")
                        .typed<decltype(mla_attention_block)>();
   return op.call(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads,
                  softmax_scale, q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens,
-                 std::move(max_seqlen), core, head_chunks);
+                 std::move(max_seqlen), core, head_chunks, topk_indices);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_block_with_rstd(
@@ -75,13 +77,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_block_with_rstd(
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
     c10::string_view core,
-    int64_t head_chunks) {
+    int64_t head_chunks,
+    const std::optional<at::Tensor>& topk_indices) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_mla::_mla_attention_block_with_rstd", "")
                        .typed<decltype(mla_attention_block_with_rstd)>();
   return op.call(q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads,
                  softmax_scale, q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens,
-                 std::move(max_seqlen), core, head_chunks);
+                 std::move(max_seqlen), core, head_chunks, topk_indices);
 }
 
 }  // namespace torch_mla

@@ -21,6 +21,9 @@
 //   returns y  (B, S, hidden)    | (T, hidden), in wo's dtype
 // The heads run in `head_chunks` groups, forward and backward (docs/design.md §13.6): only one
 // group's q, out and attention transients exist at a time.
+// With topk_indices (int32 (B, S, k) | (T, k), mla_sparse_attention's, docs/design.md §16.3) the
+// attention is mla_sparse_attention on them, causal only: the DSA block (docs/design.md §13.7), which
+// saves topk_indices on top of the dense block's set.
 // The norms' outputs are cast to wq_b's / wkv_b's dtype (what autocast's linear does to a float32
 // norm output); every other tensor shares q_a's dtype and device.
 #include <ATen/core/Tensor.h>
@@ -55,7 +58,8 @@ at::Tensor mla_attention_block(
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
     c10::string_view core = "auto",
-    int64_t head_chunks = kDefaultHeadChunks);
+    int64_t head_chunks = kDefaultHeadChunks,
+    const std::optional<at::Tensor>& topk_indices = std::nullopt);
 
 // The dispatcher op torch_mla::_mla_attention_block_with_rstd: (y, q_rstd, kv_rstd), checks
 // included, no autograd. What the autograd Function runs below the Autograd key (with the core it
@@ -80,6 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_block_with_rstd(
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
     c10::string_view core,
-    int64_t head_chunks);
+    int64_t head_chunks,
+    const std::optional<at::Tensor>& topk_indices);
 
 }  // namespace torch_mla

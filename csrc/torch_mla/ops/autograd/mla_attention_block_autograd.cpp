@@ -1,9 +1,11 @@
 // Autograd for mla_attention_block, registered at the Autograd key (every device), docs/design.md §13.
-// The forward saves only the block's inputs (q_a, kv_a, cos, sin, the weights) and the norms'
-// per-row rstd; the backward is layer/block.h's block_backward through the core the forward ran.
+// The forward saves only the block's inputs (q_a, kv_a, cos, sin, the weights, and topk_indices
+// when given: the DSA block, §13.7) and the norms' per-row rstd; the backward is layer/block.h's
+// block_backward through the core the forward ran.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "torch_mla/cores/sparse_core.h"
 #include "torch_mla/cores/table.h"
 #include "torch_mla/layer/block.h"
 #include "torch_mla/layer/checks.h"
@@ -18,7 +20,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // The schema's argument count (tensors first: BlockInput).
-constexpr int64_t kNumArgs = 20;
+constexpr int64_t kNumArgs = 21;
 
 class MlaAttentionBlockFunction : public torch::autograd::Function<MlaAttentionBlockFunction> {
  public:
@@ -43,26 +45,33 @@ class MlaAttentionBlockFunction : public torch::autograd::Function<MlaAttentionB
       const std::optional<at::Tensor>& cu_seqlens,
       c10::SymInt max_seqlen,
       c10::string_view core,
-      int64_t head_chunks) {
+      int64_t head_chunks,
+      const std::optional<at::Tensor>& topk_indices) {
     at::AutoDispatchBelowADInplaceOrView guard;
     BlockArgs args{q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin,
                    num_heads, softmax_scale, q_norm_eps, kv_norm_eps, causal, rope_interleave,
-                   cu_seqlens, max_seqlen, std::string(core), head_chunks};
+                   cu_seqlens, max_seqlen, std::string(core), head_chunks, topk_indices};
     check_block_inputs(args);
-    // The core is picked once (docs/design.md §10.1), from the dims q will have.
+    const bool sparse = topk_indices.has_value() && topk_indices->defined();
+    // The core is picked once (docs/design.md §10.1), from the dims q will have; a sparse block
+    // picks a sparse core (or "auto", the sparse layer's rule, §16.4), which reads cu_seqlens itself.
     const BlockDims d = block_dims(args);
     const std::string resolved = naming_errors_as("torch_mla.mla_attention_block: ", [&] {
-      return resolve_core_name(q_a, d.nope, d.rope, d.v, args.cu_seqlens.has_value() && args.cu_seqlens->defined(),
-                               args.core);
+      return sparse ? resolve_sparse_core(args.core)
+                    : resolve_core_name(q_a, d.nope, d.rope, d.v,
+                                        args.cu_seqlens.has_value() && args.cu_seqlens->defined(), args.core);
     });
-    max_seqlen = naming_errors_as("torch_mla.mla_attention_block: ", [&] {
-      return known_max_seqlen(cu_seqlens, q_a.sym_size(0), std::move(max_seqlen), resolved);
-    });
+    if (!sparse) {
+      max_seqlen = naming_errors_as("torch_mla.mla_attention_block: ", [&] {
+        return known_max_seqlen(cu_seqlens, q_a.sym_size(0), std::move(max_seqlen), resolved);
+      });
+    }
     auto [y, q_rstd, kv_rstd] = mla_attention_block_with_rstd(
         q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin, num_heads, softmax_scale,
-        q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens, max_seqlen, resolved, head_chunks);
+        q_norm_eps, kv_norm_eps, causal, rope_interleave, cu_seqlens, max_seqlen, resolved, head_chunks,
+        topk_indices);
     ctx->save_for_backward({q_a, q_norm_weight.value_or(at::Tensor()), wq_b, kv_a, kv_norm_weight, wkv_b, wo,
-                            cos, sin, q_rstd, kv_rstd});
+                            cos, sin, q_rstd, kv_rstd, topk_indices.value_or(at::Tensor())});
     ctx->saved_data["core"] = resolved;
     ctx->saved_data["has_bias"] = bo.has_value() && bo->defined();
     ctx->saved_data["num_heads"] = num_heads;
@@ -100,6 +109,7 @@ class MlaAttentionBlockFunction : public torch::autograd::Function<MlaAttentionB
     args.max_seqlen = ctx->saved_data["max_seqlen"].toSymInt();
     args.core = ctx->saved_data["core"].toStringRef();
     args.head_chunks = ctx->saved_data["head_chunks"].toInt();
+    if (saved[11].defined()) args.topk_indices = saved[11];
     // needs_input_grad counts only the tensors given: an absent optional (q_norm_weight, bo)
     // shifts the inputs after it.
     const bool has_q_norm = args.q_norm_weight.has_value(), has_bias = ctx->saved_data["has_bias"].toBool();

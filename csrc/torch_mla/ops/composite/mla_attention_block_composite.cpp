@@ -32,10 +32,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_attention_block_with_rstd_com
     const std::optional<at::Tensor>& cu_seqlens,
     c10::SymInt max_seqlen,
     c10::string_view core,
-    int64_t head_chunks) {
+    int64_t head_chunks,
+    const std::optional<at::Tensor>& topk_indices) {
   const BlockArgs args{q_a, q_norm_weight, wq_b, kv_a, kv_norm_weight, wkv_b, wo, bo, cos, sin,
                        num_heads, softmax_scale, q_norm_eps, kv_norm_eps, causal, rope_interleave,
-                       cu_seqlens, std::move(max_seqlen), std::string(core), head_chunks};
+                       cu_seqlens, std::move(max_seqlen), std::string(core), head_chunks, topk_indices};
   check_block_inputs(args);
   BlockForward f = block_forward(args);
   return {f.y, f.q_rstd, f.kv_rstd};
