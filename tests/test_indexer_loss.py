@@ -372,6 +372,32 @@ def test_bad_input_names_the_argument(case):
         bad_call(packed, **replace)
 
 
+# Checked where the data is (cu_seqlens' values, S against max_seqlen, topk_indices' entries) or a
+# device mismatch, which an all-meta call cannot have.
+DATA_CASES = {"cu_seqlens values", "max_seqlen", "outside the sequence", "repeated", "index_q device"}
+
+
+@pytest.mark.parametrize("case", sorted(set(BAD) - DATA_CASES))
+def test_the_meta_kernel_gives_the_same_messages(case):
+    """torch.compile's fake tensors reach the Meta kernel: the same ValueError, any device."""
+    packed, replace, message = BAD[case]
+    lengths = [3, 4] if packed else [4, 4]
+    args, cu, topk = loss_inputs(lengths, packed=packed, k=MODES["sparse"])
+    call = {**args, "topk_indices": topk, "cu_seqlens": cu, **replace}
+    meta = {name: t.to("meta") if isinstance(t, torch.Tensor) else t for name, t in call.items()}
+    with pytest.raises(ValueError, match=message):
+        torch_mla.dsa_indexer_loss(**meta)
+
+
+def test_double_backward_is_an_error():
+    args, cu, topk = loss_inputs([4, 9], packed=True, k=4)
+    leaves = {name: t.clone().requires_grad_(name in INDEX_ARGS) for name, t in args.items()}
+    kl = torch_mla.dsa_indexer_loss(**leaves, topk_indices=topk, cu_seqlens=cu)
+    grads = torch.autograd.grad(kl.sum(), [leaves[name] for name in INDEX_ARGS], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grads[0].sum().backward()
+
+
 def test_bad_grad_kl_names_it():
     args, cu, topk = loss_inputs([4, 4], packed=False, k=3)
     forward = op_args(args, cu, topk)
