@@ -21,6 +21,7 @@ from torch import nn
 from ...nn.attention import MultiHeadLatentAttention, check_head_chunks, resolve_save
 from ...nn.glue import REFUSED_MODEL_TYPES, MlaGlue, latent_attention
 from ...nn.indexer import INDEXER_ROPE_LAYOUTS, DsaRun, check_dsa_mode
+from ...nn.rope import apply_rope
 from .peft import check_adapters, projections_for
 
 # The attention classes patch_model serves (Sarvam's models are built from DeepSeek-V3's).
@@ -93,8 +94,8 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[
     modules get the attributes ``dsa_mode``, ``train_indexer`` (settable later), ``topk_indices``
     and ``indexer_loss`` (:func:`indexer_losses` collects the latter). A GLM "full" layer returns
     its selection as HF does (in HF's coordinates, -1 where a row has fewer keys than k); a
-    "shared" layer attends the ``prev_topk_indices`` it is given. Any call with a KV cache (prefill
-    or decode) runs HF's own forward: the cache holds the indexer's keys too.
+    "shared" layer attends the ``prev_topk_indices`` it is given. A prefill writes the indexer's
+    keys into the KV cache as HF's does; decode steps run HF's forward, as for every family.
     Returns the number of attention modules patched by this call (already patched ones are
     skipped: a second call returns 0).
     """
@@ -203,8 +204,6 @@ def _fallback_reason(attn, seqlen: int, cache, kwargs) -> Optional[str]:
         output_attentions = getattr(attn.config, "output_attentions", False)
     if output_attentions:
         return "output_attentions"
-    if cache is not None and _is_dsa(attn):
-        return "cache"  # the cache keeps the indexer's keys too, which torch_mla does not write
     if cache is not None:
         get_mask_sizes = getattr(cache, "get_mask_sizes", None)
         if get_mask_sizes is not None:
@@ -254,6 +253,7 @@ def _forward(self, hidden_states, *, position_embeddings=None, attention_mask=No
 
     glue = self._torch_mla_glue
     cos, sin = _rotation(glue, position_embeddings, batch, seqlen)
+    cos_rows, sin_rows = cos, sin  # (B, S, Dr/2), before unpadding
     save = self._torch_mla_save
     if save == "latent" and cache is not None:
         save = "q_latent"  # the cache takes kv_latent and k_rope, which the block op does not return
@@ -288,6 +288,8 @@ def _forward(self, hidden_states, *, position_embeddings=None, attention_mask=No
             k_rope = torch.cat((k_rope[..., 0::2], k_rope[..., 1::2]), dim=-1)
         cache.update(kv_latent.reshape(batch, 1, seqlen, -1), k_rope.reshape(batch, 1, seqlen, -1),
                      self.layer_idx, kwargs=kwargs)
+        if _is_dsa(self) and self.indexer is not None:
+            cache.update_indexer(_indexer_cache_keys(self, hidden_states, cos_rows, sin_rows), self.layer_idx)
     if self.config.model_type != "glm_moe_dsa":
         return out, None
     # GLM-5: the decoder layer passes the selection on to the next ("shared") layer, in HF's form.
@@ -295,6 +297,20 @@ def _forward(self, hidden_states, *, position_embeddings=None, attention_mask=No
         return out, None, prev_topk_indices
     topk = self.topk_indices
     return out, None, None if topk is None else _hf_indices(topk, layout, batch, seqlen)
+
+
+def _indexer_cache_keys(attn, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The indexer's keys (B, S, D_I) as HF's indexer writes them into the cache: in the model's
+    dtype, GLM's interleaved rotation written as ``[evens | odds]`` (its apply_rotary_pos_emb_interleave)."""
+    indexer = attn.indexer
+    interleave = INDEXER_ROPE_LAYOUTS[attn.config.model_type] == "interleaved"
+    with torch.no_grad():
+        index_k = indexer.k_norm(indexer.wk(hidden_states))
+        rot, rest = index_k.split([indexer.qk_rope_head_dim, indexer.head_dim - indexer.qk_rope_head_dim], dim=-1)
+        rot = apply_rope(rot, cos, sin, interleave)
+        if interleave:
+            rot = torch.cat((rot[..., 0::2], rot[..., 1::2]), dim=-1)
+        return torch.cat((rot, rest), dim=-1)
 
 
 def _packed_tokens(layout: "_Layout", batch: int, seqlen: int):
