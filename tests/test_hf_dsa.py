@@ -11,7 +11,7 @@ import torch
 
 import torch_mla
 from torch_mla.integrations.hf import indexer_losses
-from support import HAVE_TRANSFORMERS, OpCounter, clone_model, max_rel_err
+from support import HAVE_TRANSFORMERS, OpCounter, clone_model, max_rel_err, peak_live_bytes
 
 pytestmark = pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers is not installed")
 
@@ -218,6 +218,23 @@ def test_prefill_writes_the_cache_and_generation_is_hfs(family):
         if attn.indexer is not None:
             assert max_rel_err(ours_cache.layers[layer].indexer_keys.double(),
                                theirs_cache.layers[layer].indexer_keys.double()) <= TOL
+
+
+def test_patched_never_holds_the_indexer_scores():
+    """One layer, S = 2048, k = 64: HF's step (forward and backward) holds the indexer's (B, S, H_I, S)
+    float32 scores (the measure sees them); the patched step stays under a quarter of that tensor:
+    the indexer is streamed and the attention sparse (docs/design.md §16.4, §17)."""
+    seqlen = 2048
+    model = make_dsa_model("v32", num_hidden_layers=1, first_k_dense_replace=1, index_topk=64)
+    ids = token_ids(1, seqlen)
+    scores_bytes = seqlen * DSA_COMMON["index_n_heads"] * seqlen * 4
+
+    def step(m):
+        m(ids).logits.sum().backward()
+
+    ours = patched("v32", model)
+    assert peak_live_bytes(lambda: step(ours)) < scores_bytes / 4
+    assert peak_live_bytes(lambda: step(model)) > scores_bytes
 
 
 # ---- modes, losses, refusals -----------------------------------------------------------------------
