@@ -31,12 +31,12 @@ cmake_prefix_path = str(_PACKAGE_DIR)
 from . import cores, reference  # noqa: E402
 from .cores import explain, use_backend, use_core  # noqa: E402
 from .ops import mla_attention, mla_attention_block, mla_attention_q_latent, rms_norm  # noqa: E402
-from .ops import dsa_indexer_topk, mla_sparse_attention  # noqa: E402
+from .ops import dsa_indexer_loss, dsa_indexer_topk, mla_sparse_attention  # noqa: E402
 from .memory import SavedTensors  # noqa: E402
 from .nn import MultiHeadLatentAttention  # noqa: E402
 from .integrations.hf import patch_model  # noqa: E402
 
 __all__ = ["mla_attention", "mla_attention_q_latent", "mla_attention_block", "rms_norm", "use_core", "explain",
            "reference", "SavedTensors", "cmake_prefix_path", "MultiHeadLatentAttention", "patch_model",
-           "use_backend", "dsa_indexer_topk", "mla_sparse_attention"]
+           "use_backend", "dsa_indexer_topk", "mla_sparse_attention", "dsa_indexer_loss"]
 __version__ = "0.2.0"

@@ -231,3 +231,50 @@ def mla_sparse_attention(
         0 if max_seqlen is None else max_seqlen, current_core(), bool(return_max_logits),
     )
     return _select_outputs(out, lse, max_logits, return_lse, return_max_logits)
+
+
+def dsa_indexer_loss(
+    index_q: torch.Tensor,
+    index_k: torch.Tensor,
+    weights: torch.Tensor,
+    q: torch.Tensor,
+    kv_latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    wkv_b: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    softmax_scale: Optional[float] = None,
+    topk_indices: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+) -> torch.Tensor:
+    """The DSA indexer's loss per query (docs/design.md §18): ``kl[t] = KL(p_t ‖ softmax(I(t, ·)))``
+    over t's key set V_t, where the teacher ``p_t`` is the main attention's probabilities
+    ``exp(softmax_scale · q_h·k_h(s) − lse_h(t))`` summed over heads and L1-normalised over V_t, and
+    ``I(t, s) = Σ_j weights[t, j] · ReLU(index_q[t, j] · index_k[s])`` as in :func:`dsa_indexer_topk`.
+    Dense mode (``topk_indices`` None, the warm-up): V_t = every key s ≤ t of t's sequence. Sparse
+    mode: V_t = t's selected keys (entries ≥ 0 and ≤ t). A query with an empty V_t gives 0. The caller
+    reduces and scales (sum, mean, loss coefficient).
+
+    Gradients reach index_q, index_k and weights only: the teacher's tensors q, kv_latent, k_rope,
+    wkv_b and lse are treated as detached (they get no gradient, whatever their requires_grad).
+    Streamed over query chunks: never an (S × S) tensor; the backward recomputes per chunk and only
+    the inputs are saved. A packed call reads cu_seqlens on the host once per call.
+
+    Shapes (padded batch | packed, when ``cu_seqlens`` is given):
+        index_q:      (B, S, H_I, D_I) | (T, H_I, D_I)
+        index_k:      (B, S, D_I)      | (T, D_I)
+        weights:      (B, S, H_I)      | (T, H_I), any scale folded in
+        q, kv_latent, k_rope, wkv_b, cu_seqlens, max_seqlen: as :func:`mla_attention`
+        lse:          (B, S, H) | (T, H) float32 (float64 for float64 q): the lse that
+                      :func:`mla_attention` (dense mode) or :func:`mla_sparse_attention` (sparse
+                      mode) returned for these inputs with ``return_lse=True``
+        topk_indices: (B, S, k) | (T, k) int32, as :func:`mla_sparse_attention` takes it
+        softmax_scale: as the attention took it (None: ``(Dn+Dr) ** -0.5``)
+        returns kl (B, S) | (T,) in lse's dtype (computed in it: float32, float64 for float64)
+    """
+    if softmax_scale is None:
+        softmax_scale = default_softmax_scale(q)
+    return torch.ops.torch_mla.dsa_indexer_loss(
+        index_q, index_k, weights, q, kv_latent, k_rope, wkv_b, lse, float(softmax_scale), topk_indices,
+        cu_seqlens, 0 if max_seqlen is None else max_seqlen)

@@ -178,3 +178,54 @@ def mla_sparse_attention_reference(
         lse = torch.cat(lses) if lses else q.new_empty(0, q.shape[-2], dtype=torch.float32)
     extra = ((lse,) if return_lse else ()) + ((max_logits,) if return_max_logits else ())
     return (out, *extra) if extra else out
+
+
+# ---- dsa_indexer_loss (docs/design.md §18) --------------------------------------------------------
+
+
+def _indexer_loss_padded(index_q, index_k, weights, q, kv_latent, k_rope, wkv_b, lse, topk_indices,
+                         softmax_scale):
+    """Padded (B, S, ...) tensors → kl (B, S): the teacher in the MHA form with its (B, H, S, S)
+    probabilities, the student a log_softmax over full (B, S, S) rows with the keys outside V_t
+    masked."""
+    seqlen = q.shape[1]
+    if topk_indices is None:
+        visible = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).tril().expand(q.shape[0], -1, -1)
+    else:
+        visible = _sparse_mask(topk_indices, seqlen)  # (B, S, S)
+    with torch.no_grad():  # the teacher is detached
+        num_heads, dim_rope = q.shape[-2], k_rope.shape[-1]
+        k_nope, _ = expand_kv(kv_latent, wkv_b, num_heads, q.shape[-1] - dim_rope)
+        k = torch.cat([k_nope, k_rope.unsqueeze(-2).expand(*k_nope.shape[:-1], dim_rope)], dim=-1)
+        scores = torch.einsum("bshd,bthd->bhst", q, k) * softmax_scale
+        # A head with lse -inf (no selected key) has no probability anywhere.
+        head_lse = lse.transpose(1, 2).unsqueeze(-1).to(scores.dtype)
+        probs = torch.exp(scores - head_lse.masked_fill(head_lse == float("-inf"), float("inf")))
+        mass = probs.masked_fill(~visible.unsqueeze(1), 0).sum(1)  # (B, S, S)
+        total = mass.sum(-1, keepdim=True)
+        p = mass / torch.where(total > 0, total, torch.ones_like(total))
+    index_scores = torch.einsum("bshd,btd->bsht", index_q, index_k).relu()
+    index_scores = (index_scores * weights.unsqueeze(-1)).sum(2).to(p.dtype)  # (B, S, S)
+    # Rows with an empty V_t get finite scores (their p is 0, so they add nothing).
+    empty = ~visible.any(-1, keepdim=True)
+    log_q = torch.log_softmax(index_scores.masked_fill(~visible & ~empty, float("-inf")), dim=-1)
+    terms = torch.where(p > 0, p * (p.log() - log_q), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+def dsa_indexer_loss_reference(index_q, index_k, weights, q, kv_latent, k_rope, wkv_b, lse, *,
+                               softmax_scale=None, topk_indices=None, cu_seqlens=None):
+    """The specification of :func:`torch_mla.dsa_indexer_loss`: same arguments, shapes and result
+    (in lse's dtype; pass float64 inputs for exact figures). Materialises each sequence's (H, S, S)
+    teacher probabilities (K expanded per head, as mla_attention's reference) and (S, S) indexer
+    scores; differentiable in index_q, index_k and weights only (the teacher runs under no_grad)."""
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    args = (index_q, index_k, weights, q, kv_latent, k_rope)
+    if cu_seqlens is None:
+        return _indexer_loss_padded(*args, wkv_b, lse, topk_indices, softmax_scale).to(lse.dtype)
+    bounds = cu_seqlens.tolist()
+    rows = [_indexer_loss_padded(*(x[None, start:end] for x in args), wkv_b, lse[None, start:end],
+                                 None if topk_indices is None else topk_indices[None, start:end], softmax_scale)[0]
+            for start, end in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(rows).to(lse.dtype) if rows else lse.new_zeros(0)

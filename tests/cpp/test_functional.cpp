@@ -278,3 +278,48 @@ TEST_CASE("mla_sparse_attention selecting every causal prefix equals mla_attenti
                                                     torch_mla::MlaOptions().causal(false)),
                     Catch::Contains("sparse attention is causal only"));
 }
+
+TEST_CASE("dsa_indexer_loss (C++ API) equals the naive KL in float64 and trains only the indexer", "[indexer_loss]") {
+  const Dims d;
+  const int64_t batch = 2, seqlen = 7, index_heads = 3, index_dim = 5;
+  const Inputs x = make_inputs(d, {batch, seqlen}, torch::kDouble, 3);
+  torch::manual_seed(4);
+  const auto index_q = torch::randn({batch, seqlen, index_heads, index_dim}, torch::kDouble).requires_grad_(true);
+  const auto index_k = torch::randn({batch, seqlen, index_dim}, torch::kDouble).requires_grad_(true);
+  const auto weights = torch::randn({batch, seqlen, index_heads}, torch::kDouble).requires_grad_(true);
+  // The teacher: the attention's probabilities summed over heads, L1-normalised (sum = H), and its lse.
+  const auto scores = naive_scores(x.q, x.kv_latent, x.k_rope, x.wkv_b, default_scale(d), true).first.detach();
+  const auto lse = torch::logsumexp(scores, -1).transpose(1, 2).contiguous();  // (B, S, H)
+  const auto p = torch::softmax(scores, -1).sum(1) / d.heads;                  // (B, S, S)
+  auto index_scores = (torch::einsum("bshd,btd->bsht", {index_q, index_k}).relu() * weights.unsqueeze(-1)).sum(2);
+  const auto later = torch::ones({seqlen, seqlen}, torch::kBool).triu(1);
+  const auto log_q = torch::log_softmax(index_scores.masked_fill(later, -INFINITY), -1);
+  const auto terms = p * (p.log() - log_q);
+  const auto naive = torch::where(p > 0, terms, torch::zeros_like(terms)).sum(-1);
+
+  const auto kl = torch_mla::dsa_indexer_loss(index_q, index_k, weights, x.q, x.kv_latent, x.k_rope, x.wkv_b, lse);
+  REQUIRE(kl.sizes() == torch::IntArrayRef({batch, seqlen}));
+  CHECK(kl.scalar_type() == torch::kDouble);
+  CHECK(max_rel_err(kl, naive) <= 1e-12);
+  // The teacher is detached: no gradient reaches q, the latents or wkv_b.
+  const auto teacher = torch::autograd::grad({kl.sum()}, x.list(), {}, /*retain_graph=*/true, false,
+                                             /*allow_unused=*/true);
+  for (const auto& g : teacher) CHECK(!g.defined());
+  const std::vector<torch::Tensor> indexer{index_q, index_k, weights};
+  const auto grads = grads_of(kl, indexer);
+  const auto naive_grads = grads_of(naive, indexer);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    CAPTURE(i);
+    CHECK(max_rel_err(grads[i], naive_grads[i]) <= 1e-12);
+  }
+
+  // Sparse mode selecting every causal prefix is the dense loss.
+  auto row = torch::arange(seqlen, torch::kInt);
+  const auto topk = row.expand({batch, seqlen, seqlen}).contiguous();
+  const auto sparse = torch_mla::dsa_indexer_loss(index_q, index_k, weights, x.q, x.kv_latent, x.k_rope, x.wkv_b, lse,
+                                                  torch_mla::IndexerLossOptions().topk_indices(topk));
+  CHECK(max_rel_err(sparse, kl) <= 1e-12);
+  CHECK_THROWS_WITH(torch_mla::dsa_indexer_loss(index_q, index_k, weights, x.q, x.kv_latent, x.k_rope, x.wkv_b,
+                                                lse.to(torch::kFloat)),
+                    Catch::Contains("torch_mla.dsa_indexer_loss: lse must be Double"));
+}

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "torch_mla/ops/mla_attention.h"
+#include "torch_mla/ops/dsa_indexer_loss.h"
 #include "torch_mla/ops/mla_sparse_attention.h"
 
 namespace torch_mla {
@@ -60,6 +61,21 @@ at::Tensor mla_sparse_attention(
   return std::get<0>(torch_mla::mla_sparse_attention(q, kv_latent, k_rope, wkv_b, topk_indices, scale,
                                                      options.cu_seqlens(), c10::SymInt(options.max_seqlen()),
                                                      options.core(), false));
+}
+
+at::Tensor dsa_indexer_loss(
+    const at::Tensor& index_q,
+    const at::Tensor& index_k,
+    const at::Tensor& weights,
+    const at::Tensor& q,
+    const at::Tensor& kv_latent,
+    const at::Tensor& k_rope,
+    const at::Tensor& wkv_b,
+    const at::Tensor& lse,
+    const IndexerLossOptions& options) {
+  const double scale = options.softmax_scale() ? *options.softmax_scale() : default_softmax_scale(q);
+  return torch_mla::dsa_indexer_loss(index_q, index_k, weights, q, kv_latent, k_rope, wkv_b, lse, scale,
+                                     options.topk_indices(), options.cu_seqlens(), c10::SymInt(options.max_seqlen()));
 }
 
 std::string explain(

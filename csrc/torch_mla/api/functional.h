@@ -79,4 +79,35 @@ at::Tensor mla_sparse_attention(
     const at::Tensor& topk_indices,
     const MlaOptions& options = {});
 
+// Options of dsa_indexer_loss. Default-constructed: dense mode, the default softmax scale, a
+// padded batch.
+struct IndexerLossOptions {
+  // The scale the attention used; None: (Dn+Dr)^-0.5, from q's last dimension.
+  TORCH_ARG(std::optional<double>, softmax_scale) = std::nullopt;
+  // int32 (B, S, k) | (T, k) as mla_sparse_attention takes it: sparse mode; None: dense mode.
+  TORCH_ARG(std::optional<at::Tensor>, topk_indices) = std::nullopt;
+  // As MlaOptions.
+  TORCH_ARG(std::optional<at::Tensor>, cu_seqlens) = std::nullopt;
+  TORCH_ARG(int64_t, max_seqlen) = 0;
+};
+
+// The DSA indexer loss (docs/design.md §18): per query the KL between the main attention's
+// probabilities summed over heads and L1-normalised (the teacher, treated as detached) and the
+// softmax of the indexer's scores, over every visible key (dense) or the selected ones (sparse);
+// differentiable in index_q, index_k and weights only.
+//   index_q (B, S, H_I, D_I) | (T, H_I, D_I), index_k (B, S, D_I) | (T, D_I), weights (B, S, H_I) | (T, H_I);
+//   q, kv_latent, k_rope, wkv_b as mla_attention; lse (B, S, H) | (T, H) float32 (float64 for
+//   float64 q), the lse of mla_attention (dense) or mla_sparse_attention (sparse) on them
+//   returns kl (B, S) | (T,) in lse's dtype
+at::Tensor dsa_indexer_loss(
+    const at::Tensor& index_q,
+    const at::Tensor& index_k,
+    const at::Tensor& weights,
+    const at::Tensor& q,
+    const at::Tensor& kv_latent,
+    const at::Tensor& k_rope,
+    const at::Tensor& wkv_b,
+    const at::Tensor& lse,
+    const IndexerLossOptions& options = {});
+
 }  // namespace torch_mla

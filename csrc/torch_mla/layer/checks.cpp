@@ -194,7 +194,9 @@ int64_t check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t tokens, in
 }
 
 std::string renamed_message(const std::string& message, const char* op) {
-  for (const char* inner : {"torch_mla.mla_attention_backward: ", "torch_mla.mla_attention: "}) {
+  // Also the checks of mla_sparse_attention and dsa_indexer_topk, which dsa_indexer_loss reuses.
+  for (const char* inner : {"torch_mla.mla_attention_backward: ", "torch_mla.mla_attention: ",
+                            "torch_mla.mla_sparse_attention: ", "torch_mla.dsa_indexer_topk: "}) {
     const std::string prefix(inner);
     if (message.rfind(prefix, 0) == 0) return op + message.substr(prefix.size());
   }
