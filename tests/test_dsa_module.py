@@ -58,15 +58,15 @@ def hidden(batch=2, seqlen=SEQLEN, seed=1):
 
 
 def run_hf(hf, x, prev_topk_indices=None):
-    """HF's eager attention on whole causal rows: (output, its indexer's topk_indices or the given)."""
+    """HF's eager attention on whole causal rows: its outputs (out, attention probabilities (B, H, S, S)
+    and, for GLM, the selection passed on)."""
     batch, seqlen = x.shape[:2]
     position_ids = torch.arange(seqlen)[None].expand(batch, -1)
     family = _family(hf)
     cos_sin = getattr(modeling(family), FAMILIES[family][3])(hf.config)(x, position_ids)
-    mask = torch.full((seqlen, seqlen), torch.finfo(x.dtype).min).triu(1)[None, None].expand(batch, 1, -1, -1)
+    mask = torch.full((seqlen, seqlen), torch.finfo(x.dtype).min, dtype=x.dtype).triu(1)[None, None].expand(batch, 1, -1, -1)
     extra = {} if prev_topk_indices is None else dict(prev_topk_indices=prev_topk_indices)
-    result = hf(x, cos_sin, mask, position_ids=position_ids, **extra)
-    return result[0], (result[2] if len(result) == 3 else None)
+    return hf(x, cos_sin, mask, position_ids=position_ids, **extra)
 
 
 def _family(hf):
