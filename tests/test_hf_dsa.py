@@ -268,3 +268,35 @@ def test_save_latent_with_sparse_attention_is_refused():
     assert torch_mla.patch_model(model, save="latent", dsa_mode="off") == 3
     with pytest.raises(ValueError, match="dsa_mode must be one of"):
         torch_mla.patch_model(make_dsa_model("v32"), dsa_mode="dense")
+
+
+def test_lora_adapters_on_a_dsa_model():
+    """PEFT LoRA on q_b_proj, kv_b_proj and o_proj of a patched DeepSeek-V3.2 (the sparse path runs
+    "q": q_b_proj's adapter applies as a module, kv_b_proj's widens the latent the op takes): loss
+    and every adapter grad as the unpatched PEFT model."""
+    peft = pytest.importorskip("peft")
+
+    def lora_model():
+        model = make_dsa_model("v32")
+        torch.manual_seed(1)
+        config = peft.LoraConfig(target_modules=["q_b_proj", "kv_b_proj", "o_proj"], r=4, lora_alpha=8,
+                                 init_lora_weights=False)
+        return peft.get_peft_model(model, config)
+
+    ref, ours = lora_model(), lora_model()
+    assert torch_mla.patch_model(ours) == 2
+    ours.load_state_dict(ref.state_dict())
+    ids = token_ids()
+    results = []
+    for model in (ref, ours):
+        with OpCounter() as forward:
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+                        forward.counts))
+    (loss, grads, counts), (ref_loss, ref_grads, _) = results[1], results[0]
+    assert counts["mla_sparse_attention"] == 2 and counts["dsa_indexer_topk"] == 2
+    assert max_rel_err(loss.double(), ref_loss.double()) <= TOL
+    assert grads.keys() == ref_grads.keys() and any("kv_b_proj.lora_B" in n for n in grads)
+    for name in ref_grads:
+        assert max_rel_err(grads[name].double(), ref_grads[name].double()) <= TOL, name
