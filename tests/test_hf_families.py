@@ -261,22 +261,6 @@ def test_already_patched_model_returns_zero():
     assert torch_mla.patch_model(model) == 0
 
 
-@pytest.mark.parametrize("config_name,attention", [("DeepseekV32Config", "DeepseekV32Attention"),
-                                                    ("GlmMoeDsaConfig", "GlmMoeDsaAttention")])
-def test_sparse_attention_families_are_refused(config_name, attention):
-    """DeepSeek-V3.2 / GLM-5 (DSA): the class and the setting named, nothing patched."""
-    import transformers
-    config = getattr(transformers, config_name)(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=16, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, index_n_heads=2,
-        index_head_dim=16, index_topk=4, pad_token_id=0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with pytest.raises(ValueError, match=f"{attention}.*DeepSeek Sparse Attention"):
-        torch_mla.patch_model(model)
-    assert not any(getattr(m, "_torch_mla_patched", False) for m in model.modules())
-
-
 def test_unknown_mla_class_is_refused_and_nothing_is_patched():
     """A kv_b_proj-style attention of a class patch_model does not serve, beside served ones:
     ValueError naming the class; the served ones stay unpatched."""

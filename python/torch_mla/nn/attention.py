@@ -13,6 +13,7 @@ from torch import nn
 from ..distributed import context_parallel_mla_attention, shard_positions
 from ..ops import mla_attention, rms_norm
 from .glue import ROPE_LAYOUTS, MlaGlue, latent_attention
+from .indexer import INDEXER_ROPE_LAYOUTS, DsaIndexer, DsaRun, check_dsa_mode
 from .rope import rope_cos_sin, rope_frequencies, rope_type, softmax_scale
 
 
@@ -112,6 +113,24 @@ class MultiHeadLatentAttention(nn.Module):
         head_chunks: with ``save="latent"``, the number of head groups the block runs in, one
             group's q, out and attention transients at a time (docs/design.md §13.6); None: the
             op's default, 4. More groups: less transient memory, smaller GEMMs.
+
+    DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5; docs/design.md §19), on when index_topk is given:
+        index_n_heads, index_head_dim, index_topk: H_I, D_I and k of the lightning indexer, an
+            ``indexer`` submodule (:class:`torch_mla.nn.indexer.DsaIndexer`, HF's parameter names).
+        indexer_rope_layout: "half_split" (DeepSeek-V3.2) or "interleaved" (GLM-5).
+        has_indexer: False for a layer that reuses another layer's selection (GLM's IndexShare
+            "shared" layers: no ``indexer``; its forward takes ``topk_indices``).
+        dsa_mode: one of :data:`torch_mla.nn.indexer.DSA_MODES`; None: "sparse" (the indexer's top k,
+            then :func:`torch_mla.mla_sparse_attention`). "dense_warmup": dense attention and the
+            indexer's KL loss over all visible keys. "off": dense attention, the indexer unused.
+        train_indexer: the indexer's tensors carry gradients (from the indexer loss only: its inputs
+            are detached). False (default): it runs under no_grad, as HF's does. The indexer loss is
+            recorded in "dense_warmup", and in "sparse" when train_indexer.
+        After every forward, ``self.topk_indices`` holds the selection the attention used (None when
+        dense), in the op's coordinates, for a layer that shares it (IndexShare), and
+        ``self.indexer_loss`` the per-row KL (B, S) | (T,) float32 when recorded, else None, for the
+        caller to reduce, scale and add to its loss. With DSA on, ``save="q_latent"`` runs as "q"
+        (no q-latent sparse op), and ``save="latent"`` raises ValueError unless dsa_mode is "off".
     """
 
     def __init__(
@@ -136,6 +155,13 @@ class MultiHeadLatentAttention(nn.Module):
         record_max_logits: bool = False,
         save: Optional[str] = None,
         head_chunks: Optional[int] = None,
+        index_n_heads: Optional[int] = None,
+        index_head_dim: Optional[int] = None,
+        index_topk: Optional[int] = None,
+        indexer_rope_layout: str = "half_split",
+        has_indexer: bool = True,
+        dsa_mode: Optional[str] = None,
+        train_indexer: bool = False,
         device=None,
         dtype=None,
     ):
@@ -190,6 +216,29 @@ class MultiHeadLatentAttention(nn.Module):
         # frequencies, and HF's attention state dict has no entry for them either.
         self.inv_freq, self.attention_factor = rope_frequencies(qk_rope_head_dim, rope_theta, self.rope_scaling)
 
+        self.index_topk = index_topk
+        self.train_indexer = train_indexer
+        #: The last forward's selection (DSA, sparse) and per-row indexer loss, else None.
+        self.topk_indices: Optional[torch.Tensor] = None
+        self.indexer_loss: Optional[torch.Tensor] = None
+        self.indexer = None
+        if index_topk is None:
+            if dsa_mode not in (None, "off"):
+                raise ValueError(f"dsa_mode={dsa_mode!r} needs DeepSeek Sparse Attention (index_topk and the "
+                                 "indexer's sizes)")
+            self.dsa_mode = "off"
+            return
+        self.dsa_mode = check_dsa_mode("sparse" if dsa_mode is None else dsa_mode)
+        if has_indexer:
+            if q_lora_rank is None or index_n_heads is None or index_head_dim is None:
+                raise ValueError("DeepSeek Sparse Attention's indexer needs q_lora_rank (it reads q's latent), "
+                                 f"index_n_heads and index_head_dim; got {q_lora_rank}, {index_n_heads}, "
+                                 f"{index_head_dim}")
+            self.indexer = DsaIndexer(hidden_size=hidden_size, q_lora_rank=q_lora_rank, index_n_heads=index_n_heads,
+                                      index_head_dim=index_head_dim, qk_rope_head_dim=qk_rope_head_dim,
+                                      index_topk=index_topk, rope_layout=indexer_rope_layout, **factory)
+        self.indexer_rope_layout = indexer_rope_layout
+
     @property
     def save_q_latent(self) -> bool:
         """Whether q's latent is kept instead of q (``save`` "q_latent" or "latent")."""
@@ -200,10 +249,14 @@ class MultiHeadLatentAttention(nn.Module):
         self.save = "q_latent" if value else "q"
 
     @classmethod
-    def from_config(cls, config, **overrides) -> "MultiHeadLatentAttention":
+    def from_config(cls, config, *, layer_idx: Optional[int] = None, **overrides) -> "MultiHeadLatentAttention":
         """From a transformers MLA config — DeepSeek-V2/V3, Sarvam, MiniCPM3, GLM-4.7-Flash,
-        LongCat-Flash, Kimi Linear — its family read by :meth:`MlaGlue.from_config` (RoPE layout,
-        latent scales; ValueError for other model types); keyword arguments override.
+        LongCat-Flash, Kimi Linear, and DeepSeek Sparse Attention's DeepSeek-V3.2 and GLM-5 — its
+        family read by :meth:`MlaGlue.from_config` (RoPE layout, latent scales; ValueError for other
+        model types); keyword arguments override.
+
+        layer_idx: the layer, for GLM-5's ``config.indexer_types`` ("full": an indexer, "shared":
+        none, the selection comes from the caller); needed when any layer is "shared".
 
         The norms get eps 1e-6, as HF's attentions build them (they do not use
         ``config.rms_norm_eps``, which is the decoder layers' eps).
@@ -232,6 +285,14 @@ class MultiHeadLatentAttention(nn.Module):
             rms_norm_eps=1e-6,
             attention_bias=getattr(config, "attention_bias", False),
         )
+        if config.model_type in INDEXER_ROPE_LAYOUTS:
+            indexer_types = getattr(config, "indexer_types", None) or ()
+            if layer_idx is None and "shared" in indexer_types:
+                raise ValueError(f"MultiHeadLatentAttention.from_config: {type(config).__name__} has IndexShare "
+                                 "layers (indexer_types 'shared'): pass layer_idx=")
+            kwargs.update(index_n_heads=config.index_n_heads, index_head_dim=config.index_head_dim,
+                          index_topk=config.index_topk, indexer_rope_layout=INDEXER_ROPE_LAYOUTS[config.model_type],
+                          has_indexer=layer_idx is None or not indexer_types or indexer_types[layer_idx] != "shared")
         if "rope_interleave" in overrides and "rope_layout" not in overrides:
             kwargs["rope_layout"] = None  # the caller's rope_interleave decides the layout
         kwargs.update(overrides)
@@ -247,16 +308,31 @@ class MultiHeadLatentAttention(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         cu_seqlens: Optional[torch.Tensor] = None,
         max_seqlen: Optional[int] = None,
+        topk_indices: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Causal MLA over hidden_states.
 
         Padded: hidden_states (B, S, hidden), position_ids (B, S) or (1, S) or (S,), default
         ``arange(S)``. Packed: hidden_states (T, hidden) with cu_seqlens (B+1,) int32, position_ids
         (T,), default each token's position in its sequence; max_seqlen optional.
+        topk_indices (DSA, dsa_mode "sparse"): (B, S, k) | (T, k) int32 positions within each
+        query's sequence (-1: none), as :func:`torch_mla.mla_sparse_attention` takes them — a
+        selection to attend instead of the indexer's (RL replay, or IndexShare: another layer's
+        ``topk_indices``); the indexer loss, when recorded, is then taken on it.
         Returns a tensor shaped like hidden_states.
         """
         save, attention = self.save, mla_attention
+        dsa = None
+        if self.index_topk is not None:
+            dsa = DsaRun(self, self.indexer, mode=self.dsa_mode, train_indexer=self.train_indexer,
+                         rope_interleave=self.indexer_rope_layout == "interleaved", topk=self.index_topk,
+                         topk_indices=topk_indices)
+        elif topk_indices is not None:
+            raise ValueError("topk_indices needs DeepSeek Sparse Attention (a module built with index_topk)")
         if self.context_parallel_group is not None:
+            if dsa is not None and dsa.mode != "off":
+                raise ValueError("MultiHeadLatentAttention: DeepSeek Sparse Attention (dsa_mode "
+                                 f"{dsa.mode!r}) does not support context parallelism yet; use dsa_mode='off'")
             if save == "latent":
                 raise ValueError("MultiHeadLatentAttention: save='latent' does not support context "
                                  "parallelism (context_parallel_group is set): the attention there runs "
@@ -273,7 +349,7 @@ class MultiHeadLatentAttention(nn.Module):
         cos, sin = self.rotation(hidden_states, position_ids, cu_seqlens)
         out, _, _ = latent_attention(
             self, hidden_states, cos, sin, glue=self.glue, save=save,
-            attention=attention, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            attention=attention, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dsa=dsa)
         return out
 
     def rotation(self, hidden_states: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
@@ -295,4 +371,5 @@ class MultiHeadLatentAttention(nn.Module):
         return (f"num_heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, "
                 f"kv_lora_rank={self.kv_lora_rank}, head_dims=(nope {self.qk_nope_head_dim}, "
                 f"rope {self.qk_rope_head_dim}, v {self.v_head_dim}), rope_layout={self.rope_layout!r}, "
-                f"save={self.save!r}")
+                f"save={self.save!r}" + (f", index_topk={self.index_topk}, dsa_mode={self.dsa_mode!r}"
+                                         if self.index_topk is not None else ""))

@@ -14,14 +14,18 @@ scales, head dims, softmax scale), read from a config by :meth:`MlaGlue.from_con
 (docs/design.md §15).
 """
 import dataclasses
-from typing import Any, Callable, Optional, Tuple
+import functools
+from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..distributed import tensor_parallel_input, tensor_parallel_output
-from ..ops import mla_attention, mla_attention_block, mla_attention_q_latent
+from ..ops import mla_attention, mla_attention_block, mla_attention_q_latent, mla_sparse_attention
 from .rope import apply_rope, softmax_scale
+
+if TYPE_CHECKING:
+    from .indexer import DsaRun
 
 #: How q_rope and k_rope are rotated: adjacent pairs (DeepSeek), the two halves (``rotate_half``),
 #: or not at all (NoPE MLA: Kimi Linear's MLA layers keep k_rope unrotated).
@@ -36,12 +40,12 @@ _FAMILIES = {
     "minicpm3": "half_split",
     "longcat_flash": "interleaved",
     "kimi_linear": "none",
+    "deepseek_v32": "interleaved",  # DeepSeek Sparse Attention; its indexer: torch_mla.nn.indexer
+    "glm_moe_dsa": "interleaved",
 }
 
 #: model_types whose attention has a kv_b_proj but is not the dense MLA the op computes.
 REFUSED_MODEL_TYPES = {
-    "deepseek_v32": "DeepSeek Sparse Attention (a top-k indexer selects the keys)",
-    "glm_moe_dsa": "DeepSeek Sparse Attention (a top-k indexer selects the keys)",
     "glm5_next": "compressed sparse attention (DSA over compressed keys)",
 }
 
@@ -90,12 +94,13 @@ class MlaGlue:
     @classmethod
     def from_config(cls, config: Any, owner: str = "config") -> "MlaGlue":
         """The glue of a transformers MLA config (DeepSeek-V2/V3, Sarvam, MiniCPM3,
-        GLM-4.7-Flash, LongCat-Flash, Kimi Linear), by ``config.model_type``. ValueError naming
+        GLM-4.7-Flash, LongCat-Flash, Kimi Linear; DeepSeek-V3.2 and GLM-5, whose indexer is
+        read by :mod:`torch_mla.nn.indexer`), by ``config.model_type``. ValueError naming
         `owner` (the attention class) and the setting for families or settings it cannot serve."""
         model_type = getattr(config, "model_type", None)
         if model_type in REFUSED_MODEL_TYPES:
             raise ValueError(f"torch_mla: {owner} (model_type {model_type!r}) is not served: "
-                             f"{REFUSED_MODEL_TYPES[model_type]}, which the dense MLA op does not compute")
+                             f"{REFUSED_MODEL_TYPES[model_type]}, which torch_mla's ops do not compute")
         if model_type not in _FAMILIES:
             raise ValueError(f"torch_mla: {owner} has model_type {model_type!r}, not an MLA family "
                              f"torch_mla serves ({', '.join(sorted(_FAMILIES))})")
@@ -202,6 +207,7 @@ def latent_attention(
     max_seqlen: Optional[int] = None,
     projections: Optional[Projections] = None,
     attention: Callable[..., torch.Tensor] = mla_attention,
+    dsa: Optional["DsaRun"] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The attention block of `attn` through torch_mla: `glue` describes the family (head dims, RoPE
     layout, latent scales, softmax scale), `attn` gives ``kv_lora_rank`` and settings
@@ -216,8 +222,19 @@ def latent_attention(
     Under tensor parallelism each rank attends with its own heads, those of its weight shards.
     When ``attn.record_max_logits`` is true, the call's per-head maximum logit (its local heads
     under tensor parallelism) is stored in ``attn.max_logits`` (docs/design.md §12).
+    `dsa` (a :class:`torch_mla.nn.indexer.DsaRun`): DeepSeek Sparse Attention — the indexer reads
+    the hidden states and q's latent, the attention runs over its selection
+    (:func:`torch_mla.mla_sparse_attention`) or densely, and the indexer loss is recorded after it
+    (docs/design.md §19); q is then materialised (``save="q_latent"`` runs as ``"q"``), and
+    ``save="latent"`` is refused for a mode other than "off".
     """
     proj = projections_of(attn) if projections is None else projections
+    if dsa is not None and dsa.mode != "off":
+        if save == "latent":
+            raise ValueError(f"save='latent' does not serve dsa_mode={dsa.mode!r} yet (the latent-only block "
+                             "takes no topk_indices and returns no lse for the indexer loss); use save='q' "
+                             "or dsa_mode='off'")
+        save = "q"  # the sparse op and the indexer loss take q itself: there is no q-latent sparse op
     if glue.rope_layout == "none":
         # The ops that rotate inside (q-latent, block) rotate by the identity: exact.
         cos = hidden_states.new_ones(hidden_states.shape[:-1] + (glue.qk_rope_head_dim // 2,), dtype=torch.float32)
@@ -232,6 +249,7 @@ def latent_attention(
     rotates = glue.rope_layout != "none" and dim_rope > 0
     # q first, as HF's forward: LoRA dropout masks are drawn in the same order.
     q_input = hidden_states if proj.q_a_proj is None else proj.q_norm(proj.q_a_proj(hidden_states))
+    topk_indices = None if dsa is None else dsa.select(hidden_states, q_input, cos, sin, cu_seqlens, max_seqlen)
     if save == "q_latent":
         # Without a q latent, the hidden states are q's latent: already kept for
         # kv_a_proj_with_mqa's backward, so q costs nothing extra.
@@ -248,7 +266,9 @@ def latent_attention(
     k_rope = proj.replicated(k_rope, proj.kv_b_proj.weight)
     op_latent, wkv_b = proj.latent("kv_b_proj", proj.kv_b_proj, kv_latent)
     num_heads = wkv_b.shape[0] // (dim_nope + glue.v_head_dim)
-    extra = dict(return_max_logits=True) if getattr(attn, "record_max_logits", False) else {}
+    record_max_logits = getattr(attn, "record_max_logits", False)
+    extra = dict(return_max_logits=True) if record_max_logits else {}
+    wants_lse = dsa is not None and dsa.wants_loss
 
     if save == "q_latent":
         out = mla_attention_q_latent(
@@ -261,9 +281,19 @@ def latent_attention(
             q_nope, q_rope = q.split([dim_nope, dim_rope], dim=-1)
             q_rope = apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2), glue.rope_interleave)
             q = torch.cat((q_nope, q_rope), dim=-1)
+        if topk_indices is not None:
+            attention = functools.partial(mla_sparse_attention, topk_indices=topk_indices)
+        if wants_lse:  # the indexer loss's teacher
+            extra["return_lse"] = True
         out = attention(q, op_latent, k_rope, wkv_b, softmax_scale=glue.op_scale, cu_seqlens=cu_seqlens,
                         max_seqlen=max_seqlen, **extra)
-    if extra:
+    if wants_lse:
+        out, lse, *max_logits = out
+        dsa.record_loss(q, op_latent, k_rope, wkv_b, lse, topk_indices, softmax_scale=glue.op_scale,
+                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        if record_max_logits:
+            attn.max_logits = max_logits[0]
+    elif record_max_logits:
         out, attn.max_logits = out
     # out (..., H, Dv) is contiguous: o_proj's input is a view of it, so the tensor the op saves
     # and the one o_proj saves share one storage.

@@ -13,13 +13,15 @@ import sys
 import types
 import warnings
 import weakref
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ...nn.attention import MultiHeadLatentAttention, check_head_chunks, resolve_save
 from ...nn.glue import REFUSED_MODEL_TYPES, MlaGlue, latent_attention
+from ...nn.indexer import INDEXER_ROPE_LAYOUTS, DsaRun, check_dsa_mode
+from ...nn.rope import apply_rope
 from .peft import check_adapters, projections_for
 
 # The attention classes patch_model serves (Sarvam's models are built from DeepSeek-V3's).
@@ -30,6 +32,8 @@ _ATTENTION_CLASSES = (
     ("transformers.models.glm4_moe_lite.modeling_glm4_moe_lite", "Glm4MoeLiteAttention"),
     ("transformers.models.longcat_flash.modeling_longcat_flash", "LongcatFlashMLA"),
     ("transformers.models.kimi_linear.modeling_kimi_linear", "KimiLinearAttention"),
+    ("transformers.models.deepseek_v32.modeling_deepseek_v32", "DeepseekV32Attention"),
+    ("transformers.models.glm_moe_dsa.modeling_glm_moe_dsa", "GlmMoeDsaAttention"),
 )
 
 _MASK_HELP = ("torch_mla supports causal attention over whole rows, packed sequences (a "
@@ -47,7 +51,7 @@ def _attention_classes() -> Tuple[type, ...]:
 
 
 def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[str] = None,
-                head_chunks: Optional[int] = None) -> int:
+                head_chunks: Optional[int] = None, dsa_mode: str = "sparse", train_indexer: bool = False) -> int:
     """Routes every MLA attention of a transformers model through torch_mla: DeepSeek-V2/V3 and
     Sarvam, MiniCPM3, GLM-4.7-Flash, LongCat-Flash, and Kimi Linear's MLA layers (its linear
     attention layers are left alone). Each family's glue (RoPE layout, latent scales, softmax
@@ -82,12 +86,28 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[
     that writes a KV cache runs as ``"q_latent"`` (the cache takes the latents, which the block op
     does not return), and no PEFT adapter on q_b_proj/q_proj, kv_b_proj or o_proj is honoured.
     head_chunks: with ``"latent"``, the block's number of head groups, as MultiHeadLatentAttention's.
+
+    DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5 and its IndexShare; docs/design.md §19): the
+    indexer's top k through :func:`torch_mla.dsa_indexer_topk` (streamed) and the attention through
+    :func:`torch_mla.mla_sparse_attention`. dsa_mode, train_indexer: as MultiHeadLatentAttention's
+    (``save="q_latent"`` runs as "q"; ``save="latent"`` needs dsa_mode "off"); the attention
+    modules get the attributes ``dsa_mode``, ``train_indexer`` (settable later), ``topk_indices``
+    and ``indexer_loss`` (:func:`indexer_losses` collects the latter). A GLM "full" layer returns
+    its selection as HF does (in HF's coordinates, -1 where a row has fewer keys than k); a
+    "shared" layer attends the ``prev_topk_indices`` it is given. A prefill writes the indexer's
+    keys into the KV cache as HF's does; decode steps run HF's forward, as for every family.
     Returns the number of attention modules patched by this call (already patched ones are
     skipped: a second call returns 0).
     """
     save = resolve_save(save, save_q_latent)
     head_chunks = check_head_chunks(head_chunks)
+    check_dsa_mode(dsa_mode)
     served = _served_modules(model)
+    for module, _ in served:
+        if _is_dsa(module) and save == "latent" and dsa_mode != "off":
+            raise ValueError(f"torch_mla.patch_model: {type(module).__name__} (DeepSeek Sparse Attention, "
+                             f"dsa_mode={dsa_mode!r}) cannot run save='latent': the latent-only block takes no "
+                             "topk_indices yet; use save='q' or dsa_mode='off'")
     for module, _ in served:
         if not getattr(module, "_torch_mla_patched", False):
             check_adapters(module, save)
@@ -101,6 +121,9 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[
         module._torch_mla_save = save
         module.head_chunks = head_chunks
         module.forward = types.MethodType(_forward, module)
+        if _is_dsa(module):
+            module.dsa_mode, module.train_indexer = dsa_mode, train_indexer
+            module.topk_indices = module.indexer_loss = None
         count += 1
         implementation = getattr(config, "_attn_implementation", None)
         _warn_once(f"implementation {implementation}", (
@@ -109,6 +132,19 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[
             "makes the mask torch_mla reads and runs the calls the op cannot serve "
             "(output_attentions=True, queries attending to a KV cache)"))
     return count
+
+
+def _is_dsa(module: nn.Module) -> bool:
+    """Whether a served attention is DeepSeek Sparse Attention (an indexer, or GLM's shared layer)."""
+    return getattr(module.config, "model_type", None) in INDEXER_ROPE_LAYOUTS
+
+
+def indexer_losses(model: nn.Module) -> List[torch.Tensor]:
+    """The per-row indexer KL losses ((T,) float32 over the real tokens) that the patched DSA
+    attentions of `model` recorded in the last forward, in module order: reduce, scale and add them
+    to the loss (docs/design.md §19)."""
+    return [m.indexer_loss for m in model.modules()
+            if getattr(m, "_torch_mla_patched", False) and getattr(m, "indexer_loss", None) is not None]
 
 
 def _served_modules(model: nn.Module):
@@ -217,10 +253,22 @@ def _forward(self, hidden_states, *, position_embeddings=None, attention_mask=No
 
     glue = self._torch_mla_glue
     cos, sin = _rotation(glue, position_embeddings, batch, seqlen)
+    cos_rows, sin_rows = cos, sin  # (B, S, Dr/2), before unpadding
     save = self._torch_mla_save
     if save == "latent" and cache is not None:
         save = "q_latent"  # the cache takes kv_latent and k_rope, which the block op does not return
-    run = dict(glue=glue, save=save, projections=projections_for(self, save))
+    prev_topk_indices = kwargs.pop("prev_topk_indices", None)
+    dsa = None
+    if _is_dsa(self):
+        given = None
+        if self.indexer is None and prev_topk_indices is not None and self.dsa_mode == "sparse":
+            given = _op_indices(prev_topk_indices, layout, batch, seqlen)
+        dsa = DsaRun(self, self.indexer, mode=self.dsa_mode, train_indexer=self.train_indexer,
+                     rope_interleave=INDEXER_ROPE_LAYOUTS[self.config.model_type] == "interleaved",
+                     topk=self.config.index_topk, topk_indices=given)
+        if self.dsa_mode != "off":
+            save = "q"  # as the glue runs it: the sparse op and the indexer loss take q
+    run = dict(glue=glue, save=save, projections=projections_for(self, save), dsa=dsa)
     tokens = batch * seqlen
     if layout.cu_seqlens is None:
         out, kv_latent, k_rope = latent_attention(self, hidden_states, cos, sin, **run)
@@ -240,7 +288,67 @@ def _forward(self, hidden_states, *, position_embeddings=None, attention_mask=No
             k_rope = torch.cat((k_rope[..., 0::2], k_rope[..., 1::2]), dim=-1)
         cache.update(kv_latent.reshape(batch, 1, seqlen, -1), k_rope.reshape(batch, 1, seqlen, -1),
                      self.layer_idx, kwargs=kwargs)
-    return out, None
+        if _is_dsa(self) and self.indexer is not None:
+            cache.update_indexer(_indexer_cache_keys(self, hidden_states, cos_rows, sin_rows), self.layer_idx)
+    if self.config.model_type != "glm_moe_dsa":
+        return out, None
+    # GLM-5: the decoder layer passes the selection on to the next ("shared") layer, in HF's form.
+    if self.indexer is None:
+        return out, None, prev_topk_indices
+    topk = self.topk_indices
+    return out, None, None if topk is None else _hf_indices(topk, layout, batch, seqlen)
+
+
+def _indexer_cache_keys(attn, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The indexer's keys (B, S, D_I) as HF's indexer writes them into the cache: in the model's
+    dtype, GLM's interleaved rotation written as ``[evens | odds]`` (its apply_rotary_pos_emb_interleave)."""
+    indexer = attn.indexer
+    interleave = INDEXER_ROPE_LAYOUTS[attn.config.model_type] == "interleaved"
+    with torch.no_grad():
+        index_k = indexer.k_norm(indexer.wk(hidden_states))
+        rot, rest = index_k.split([indexer.qk_rope_head_dim, indexer.head_dim - indexer.qk_rope_head_dim], dim=-1)
+        rot = apply_rope(rot, cos, sin, interleave)
+        if interleave:
+            rot = torch.cat((rot[..., 0::2], rot[..., 1::2]), dim=-1)
+        return torch.cat((rot, rest), dim=-1)
+
+
+def _packed_tokens(layout: "_Layout", batch: int, seqlen: int):
+    """(flat, seq, start) of the T packed tokens: each one's index among the B·S, its sequence,
+    and its sequence's first packed index."""
+    cu = layout.cu_seqlens.long()
+    tokens = int(cu[-1])
+    flat = layout.indices if layout.indices is not None else torch.arange(batch * seqlen, device=cu.device)
+    seq = torch.searchsorted(cu[1:], torch.arange(tokens, device=cu.device), right=True)
+    return flat, seq, cu[seq]
+
+
+def _hf_indices(topk_indices: torch.Tensor, layout: "_Layout", batch: int, seqlen: int) -> torch.Tensor:
+    """The op's selection ((B, S, k), or (T, k) positions within each packed sequence) in HF's
+    coordinates: (B, S, k) int32 positions in the query's row; -1 for none and at padded queries."""
+    if layout.cu_seqlens is None:
+        return topk_indices
+    flat, _, start = _packed_tokens(layout, batch, seqlen)
+    keys = (start[:, None] + topk_indices.long()).clamp(0, max(flat.numel() - 1, 0))
+    rows = torch.where(topk_indices >= 0, flat[keys] % seqlen, -1) if flat.numel() else topk_indices.long()
+    return (rows.new_full((batch * seqlen, rows.shape[-1]), -1).index_copy_(0, flat, rows)
+            .view(batch, seqlen, -1).to(torch.int32))
+
+
+def _op_indices(hf_indices: torch.Tensor, layout: "_Layout", batch: int, seqlen: int) -> torch.Tensor:
+    """HF's selection (B, S, k), positions in each query's row, in the op's coordinates: as is for
+    whole rows, else (T, k) positions within each packed token's own sequence, -1 for a key outside
+    it (a padded key, another packed sequence's, or none)."""
+    if layout.cu_seqlens is None:
+        return hf_indices.to(torch.int32)
+    flat, seq, start = _packed_tokens(layout, batch, seqlen)
+    rows = hf_indices.reshape(batch * seqlen, -1).index_select(0, flat).long()
+    packed_of = torch.full((batch * seqlen,), -1, dtype=torch.long, device=flat.device)
+    packed_of[flat] = torch.arange(flat.numel(), device=flat.device)
+    in_row = (rows >= 0) & (rows < seqlen)
+    keys = packed_of[((flat // seqlen)[:, None] * seqlen + rows.clamp(0, seqlen - 1))]
+    same = in_row & (keys >= 0) & (seq[keys.clamp(min=0)] == seq[:, None])
+    return torch.where(same, keys - start[:, None], -1).to(torch.int32)
 
 
 class _PadBack(torch.autograd.Function):
