@@ -419,8 +419,8 @@ def test_bad_input(case):
 
 
 def test_a_core_without_a_sparse_form_is_named():
-    with torch_mla.use_core("efficient"), pytest.raises(
-            ValueError, match=r'core "efficient" has no sparse form; a sparse call takes one of: auto, cpu, composed'):
+    message = r'core "efficient" has no sparse form; a sparse call takes one of: auto, cpu, composed'
+    with torch_mla.use_core("efficient"), pytest.raises(ValueError, match=message):
         bad_call()
 
 

@@ -135,8 +135,8 @@ def explain(q: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor, wkv_
     the dense shortcut and the dense core it takes, docs/design.md §16.5).
 
     Takes the op's tensors (shapes as the op); reads no data but the indices of a sparse call, which
-    it checks as the call does on CPU tensors. ``core`` defaults to the current one (:func:`use_core`, then
-    ``TORCH_MLA_CORE``); ``backend`` is its deprecated name.
+    it checks as the call does on CPU tensors. ``core`` defaults to the current one
+    (:func:`use_core`, then ``TORCH_MLA_CORE``); ``backend`` is its deprecated name.
     """
     requested = _requested(core, backend, "torch_mla.explain")
     if topk_indices is not None:
