@@ -259,13 +259,22 @@ def test_off_mode_is_dense_attention():
     assert_same(mine, out_and_grads(dense, x), "off")
 
 
-def test_q_latent_runs_as_q_and_latent_is_refused():
+def test_q_latent_runs_as_q_and_latent_runs_the_dsa_block():
     hf = hf_attention("v32")
     x = hidden()
-    mine = out_and_grads(ours_from(hf, save="q_latent"), x)
-    assert_same(mine, out_and_grads(ours_from(hf, save="q"), x), "q_latent as q")
-    with pytest.raises(ValueError, match="save='latent' does not serve dsa_mode='sparse'"):
-        ours_from(hf, save="latent")(x)
+    reference = out_and_grads(ours_from(hf, save="q"), x)
+    assert_same(out_and_grads(ours_from(hf, save="q_latent"), x), reference, "q_latent as q")
+    # save="latent" with a frozen indexer: the block op with the selection (docs/design.md §13.7).
+    latent = ours_from(hf, save="latent")
+    with OpCounter() as forward:
+        mine = out_and_grads(latent, x)
+    assert forward.counts["dsa_indexer_topk"] == 1 and forward.counts["_mla_attention_block_with_rstd"] == 1
+    assert forward.counts["mla_sparse_attention"] >= 1 and forward.counts["mla_attention"] == 0
+    assert_same(mine, reference, "latent")
+    with pytest.raises(ValueError, match="save='latent' does not serve the indexer loss"):
+        ours_from(hf, save="latent", train_indexer=True)(x)
+    with pytest.raises(ValueError, match="save='latent' does not serve the indexer loss"):
+        ours_from(hf, save="latent", dsa_mode="dense_warmup")(x)
     ours_from(hf, save="latent", dsa_mode="off")(x)  # dense: the latent-only block serves it
 
 

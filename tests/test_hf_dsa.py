@@ -260,12 +260,22 @@ def test_frozen_indexer_records_no_loss():
     assert all(p.grad is None for n, p in model.named_parameters() if ".indexer." in n)
 
 
-def test_save_latent_with_sparse_attention_is_refused():
+def test_save_latent_runs_the_dsa_block_and_refuses_the_indexer_loss():
     model = make_dsa_model("glm")
+    ids = token_ids()
+    theirs = logits_and_grads(model, ids)
+    counts = {}
+    ours = logits_and_grads(patched("glm", model, save="latent"), ids, None, counts)
+    assert_matches(ours, theirs, "glm save='latent'")
+    layers = model.config.num_hidden_layers
+    assert counts["forward"]["_mla_attention_block_with_rstd"] == layers and counts["forward"]["mla_attention"] == 0
+    assert counts["forward"]["dsa_indexer_topk"] == FULL_LAYERS["glm"]
+    assert counts["backward"]["mla_sparse_attention_backward"] >= layers
     with pytest.raises(ValueError, match="GlmMoeDsaAttention .*save='latent'"):
-        torch_mla.patch_model(model, save="latent")
+        torch_mla.patch_model(model, save="latent", train_indexer=True)
+    with pytest.raises(ValueError, match="GlmMoeDsaAttention .*save='latent'"):
+        torch_mla.patch_model(model, save="latent", dsa_mode="dense_warmup")
     assert not any(getattr(m, "_torch_mla_patched", False) for m in model.modules())
-    assert torch_mla.patch_model(model, save="latent", dsa_mode="off") == 3
     with pytest.raises(ValueError, match="dsa_mode must be one of"):
         torch_mla.patch_model(make_dsa_model("v32"), dsa_mode="dense")
 

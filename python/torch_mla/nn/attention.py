@@ -130,7 +130,9 @@ class MultiHeadLatentAttention(nn.Module):
         dense), in the op's coordinates, for a layer that shares it (IndexShare), and
         ``self.indexer_loss`` the per-row KL (B, S) | (T,) float32 when recorded, else None, for the
         caller to reduce, scale and add to its loss. With DSA on, ``save="q_latent"`` runs as "q"
-        (no q-latent sparse op), and ``save="latent"`` raises ValueError unless dsa_mode is "off".
+        (no q-latent sparse op); ``save="latent"`` runs the DSA block (mla_attention_block with the
+        selection, docs/design.md §13.7) with a frozen indexer, and raises ValueError where the
+        indexer loss is recorded (the block returns no lse for its teacher).
     """
 
     def __init__(

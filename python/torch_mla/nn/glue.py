@@ -225,16 +225,18 @@ def latent_attention(
     `dsa` (a :class:`torch_mla.nn.indexer.DsaRun`): DeepSeek Sparse Attention — the indexer reads
     the hidden states and q's latent, the attention runs over its selection
     (:func:`torch_mla.mla_sparse_attention`) or densely, and the indexer loss is recorded after it
-    (docs/design.md §19); q is then materialised (``save="q_latent"`` runs as ``"q"``), and
-    ``save="latent"`` is refused for a mode other than "off".
+    (docs/design.md §19); q is then materialised (``save="q_latent"`` runs as ``"q"``).
+    ``save="latent"`` serves a frozen indexer (the block op with the selection, §13.7) and refuses
+    the indexer loss (the block returns no lse for its teacher).
     """
     proj = projections_of(attn) if projections is None else projections
     if dsa is not None and dsa.mode != "off":
-        if save == "latent":
-            raise ValueError(f"save='latent' does not serve dsa_mode={dsa.mode!r} yet (the latent-only block "
-                             "takes no topk_indices and returns no lse for the indexer loss); use save='q' "
-                             "or dsa_mode='off'")
-        save = "q"  # the sparse op and the indexer loss take q itself: there is no q-latent sparse op
+        if save == "latent" and dsa.wants_loss:
+            raise ValueError(f"save='latent' does not serve the indexer loss (dsa_mode={dsa.mode!r}, train_indexer="
+                             f"{dsa.train_indexer}): the latent-only block returns no lse for the loss's teacher; "
+                             "use save='q', or a frozen indexer (train_indexer=False) with dsa_mode='sparse'")
+        if save != "latent":
+            save = "q"  # the sparse op and the indexer loss take q itself: there is no q-latent sparse op
     if glue.rope_layout == "none":
         # The ops that rotate inside (q-latent, block) rotate by the identity: exact.
         cos = hidden_states.new_ones(hidden_states.shape[:-1] + (glue.qk_rope_head_dim // 2,), dtype=torch.float32)
@@ -243,8 +245,15 @@ def latent_attention(
         if getattr(attn, "record_max_logits", False):
             raise ValueError("record_max_logits needs save='q' or save='q_latent': the latent-only block "
                              "(save='latent') does not return max logits")
-        return _latent_only_block(attn, proj, hidden_states, cos, sin, glue=glue,
-                                  cu_seqlens=cu_seqlens, max_seqlen=max_seqlen), None, None
+        topk_indices = None
+        if dsa is not None and dsa.mode == "sparse":
+            q_input = None
+            if dsa.given is None:
+                with torch.no_grad():  # the indexer reads q's latent detached: nothing to keep for it
+                    q_input = hidden_states if proj.q_a_proj is None else proj.q_norm(proj.q_a_proj(hidden_states))
+            topk_indices = dsa.select(hidden_states, q_input, cos, sin, cu_seqlens, max_seqlen)
+        return _latent_only_block(attn, proj, hidden_states, cos, sin, glue=glue, cu_seqlens=cu_seqlens,
+                                  max_seqlen=max_seqlen, topk_indices=topk_indices), None, None
     dim_nope, dim_rope = glue.qk_nope_head_dim, glue.qk_rope_head_dim
     rotates = glue.rope_layout != "none" and dim_rope > 0
     # q first, as HF's forward: LoRA dropout masks are drawn in the same order.
@@ -302,7 +311,7 @@ def latent_attention(
 
 def _latent_only_block(attn: nn.Module, proj: Projections, hidden_states: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, *, glue: MlaGlue, cu_seqlens: Optional[torch.Tensor],
-                       max_seqlen: Optional[int]) -> torch.Tensor:
+                       max_seqlen: Optional[int], topk_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
     """latent_attention with ``save="latent"``: q_a_proj and kv_a_proj_with_mqa as modules (they
     keep the hidden states for their weights' grads), everything after them in mla_attention_block.
 
@@ -332,6 +341,6 @@ def _latent_only_block(attn: nn.Module, proj: Projections, hidden_states: torch.
         q_norm_eps=q_norm.variance_epsilon if q_norm is not None else 1e-6,  # unused without the norm
         kv_norm_eps=kv_norm.variance_epsilon,
         rope_interleave=glue.rope_interleave, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-        head_chunks=getattr(attn, "head_chunks", None))
+        head_chunks=getattr(attn, "head_chunks", None), topk_indices=topk_indices)
     y = proj.reduced(y, wo_param)
     return y + proj.local(bias) if sharded and bias is not None else y

@@ -90,7 +90,8 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[
     DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5 and its IndexShare; docs/design.md §19): the
     indexer's top k through :func:`torch_mla.dsa_indexer_topk` (streamed) and the attention through
     :func:`torch_mla.mla_sparse_attention`. dsa_mode, train_indexer: as MultiHeadLatentAttention's
-    (``save="q_latent"`` runs as "q"; ``save="latent"`` needs dsa_mode "off"); the attention
+    (``save="q_latent"`` runs as "q"; ``save="latent"`` runs the DSA block with a frozen indexer and
+    refuses the indexer loss); the attention
     modules get the attributes ``dsa_mode``, ``train_indexer`` (settable later), ``topk_indices``
     and ``indexer_loss`` (:func:`indexer_losses` collects the latter). A GLM "full" layer returns
     its selection as HF does (in HF's coordinates, -1 where a row has fewer keys than k); a
@@ -104,10 +105,12 @@ def patch_model(model: nn.Module, *, save_q_latent: bool = True, save: Optional[
     check_dsa_mode(dsa_mode)
     served = _served_modules(model)
     for module, _ in served:
-        if _is_dsa(module) and save == "latent" and dsa_mode != "off":
+        if _is_dsa(module) and save == "latent" and (dsa_mode == "dense_warmup" or
+                                                     (dsa_mode == "sparse" and train_indexer)):
             raise ValueError(f"torch_mla.patch_model: {type(module).__name__} (DeepSeek Sparse Attention, "
-                             f"dsa_mode={dsa_mode!r}) cannot run save='latent': the latent-only block takes no "
-                             "topk_indices yet; use save='q' or dsa_mode='off'")
+                             f"dsa_mode={dsa_mode!r}, train_indexer={train_indexer}) cannot run save='latent': "
+                             "the latent-only block returns no lse for the indexer loss's teacher; use save='q', "
+                             "or a frozen indexer with dsa_mode='sparse'")
     for module, _ in served:
         if not getattr(module, "_torch_mla_patched", False):
             check_adapters(module, save)
@@ -266,7 +269,7 @@ def _forward(self, hidden_states, *, position_embeddings=None, attention_mask=No
         dsa = DsaRun(self, self.indexer, mode=self.dsa_mode, train_indexer=self.train_indexer,
                      rope_interleave=INDEXER_ROPE_LAYOUTS[self.config.model_type] == "interleaved",
                      topk=self.config.index_topk, topk_indices=given)
-        if self.dsa_mode != "off":
+        if self.dsa_mode != "off" and save != "latent":
             save = "q"  # as the glue runs it: the sparse op and the indexer loss take q
     run = dict(glue=glue, save=save, projections=projections_for(self, save), dsa=dsa)
     tokens = batch * seqlen
