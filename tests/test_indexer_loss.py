@@ -13,26 +13,10 @@ from torch_mla.reference import (dsa_indexer_loss_reference, mla_attention_refer
                                  mla_sparse_attention_reference)
 from support import (BF16, FP32, FP64, SMALL, TINY, cu_seqlens_of, make_inputs, max_abs_err, max_rel_err,
                      peak_live_bytes)
-
-SPARSE_CORES = ("auto", "composed")
+from test_sparse import SPARSE_CORES, random_topk
 INDEX_ARGS = ("index_q", "index_k", "weights")
 TEACHER_ARGS = ("q", "kv_latent", "k_rope", "wkv_b", "lse")
 INDEX_HEADS, INDEX_DIM = 3, 8
-
-
-def random_topk(lengths, k, seed, padded=False):
-    """Per query a random set of at most k distinct positions of its own sequence (some past the
-    query, which are ignored), padded with -1 and shuffled: (T, k), or (B, S, k) when `padded`."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for length in lengths:
-        for _ in range(length):
-            count = int(torch.randint(0, min(k, length) + 1, (), generator=gen))
-            chosen = torch.randperm(length, generator=gen)[:count]
-            row = torch.cat([chosen, torch.full((k - count,), -1, dtype=torch.long)])
-            rows.append(row[torch.randperm(k, generator=gen)])
-    topk = torch.stack(rows).int() if rows else torch.empty(0, k, dtype=torch.int32)
-    return topk.view(len(lengths), lengths[0], k) if padded else topk
 
 
 def loss_inputs(lengths, *, packed, dtype=FP32, dims=SMALL, k=None, seed=0, index_heads=INDEX_HEADS,
