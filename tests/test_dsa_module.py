@@ -292,3 +292,31 @@ def test_bad_settings_are_refused():
         MultiHeadLatentAttention.from_config(hf.config, index_topk=None, dsa_mode="sparse")
     with pytest.raises(ValueError, match="indexer needs q_lora_rank"):
         MultiHeadLatentAttention.from_config(hf.config, q_lora_rank=None)
+
+
+def test_compiled_fullgraph_equals_eager():
+    """torch.compile(fullgraph=True, dynamic=True) traces the DSA module whole (indexer top-k,
+    sparse op, indexer loss: no graph break) and computes what eager does through inductor."""
+    from torch._inductor.compile_fx import compile_fx
+
+    traced = []
+
+    def backend(graph, example_inputs):  # records the graph's ops, then compiles it as default
+        traced.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return compile_fx(graph, example_inputs)
+
+    hf = hf_attention("v32")
+    x = hidden()
+    module = ours_from(hf)
+    eager = out_and_grads(module, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend=backend)
+    assert_same(out_and_grads(module, x, call=compiled), eager, "compiled sparse")
+    assert any("dsa_indexer_topk" in t for t in traced) and any("mla_sparse_attention" in t for t in traced)
+    warmup = ours_from(hf, dsa_mode="dense_warmup", train_indexer=True)
+    warmup(x)
+    expected = warmup.indexer_loss
+    traced.clear()
+    torch.compile(warmup, fullgraph=True, dynamic=True, backend=backend)(x)
+    assert any("dsa_indexer_loss" in t for t in traced)
+    assert max_rel_err(warmup.indexer_loss.detach().double(), expected.detach().double()) <= TOL
