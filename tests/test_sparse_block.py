@@ -323,7 +323,7 @@ def test_sparse_attention_is_causal_only():
 
 
 def test_a_core_without_a_sparse_form_is_named_by_the_block():
-    with torch_mla.use_core("cpu"), pytest.raises(
-            ValueError, match=r'^torch_mla.mla_attention_block: core "cpu" has no sparse form; a sparse call takes '
-                              r"one of: auto, composed"):
+    with torch_mla.use_core("cuda"), pytest.raises(
+            ValueError, match=r'^torch_mla.mla_attention_block: core "cuda" has no sparse form; a sparse call takes '
+                              r"one of: auto, cpu, composed"):
         bad_call(False, with_entry(False, 0, [0, -1, -1]))
