@@ -80,10 +80,4 @@ std::string resolve_sparse_core(const std::string& requested);
 // its spans when the indices are on the CPU. A static string: nothing is built for a call served.
 const char* dense_shortcut_declines(const at::Tensor& topk_indices, const Sequences& seqs, const std::string& core);
 
-// explain_choice (cores/table.h) over the cores' sparse forms, for a sparse call that resolves to
-// `resolved` (resolve_sparse_core): the sparse core it takes on the first line, then one line per
-// core of the table, "name: yes" or "name: no: why". The dense shortcut, which depends on the
-// indices, is the caller's to add (ops/cores.cpp).
-std::string explain_sparse_choice(const CoreQuery& query, const std::string& resolved);
-
 }  // namespace torch_mla

@@ -63,13 +63,4 @@ const char* dense_shortcut_declines(const at::Tensor& topk_indices, const Sequen
   return nullptr;
 }
 
-std::string explain_sparse_choice(const CoreQuery& query, const std::string& resolved) {
-  std::string text = choose_core(query, resolved, /*sparse=*/true) + "\n";
-  for (const CoreEntry& entry : core_table()) {
-    const Reason why = entry_declines(entry, query, /*sparse=*/true);
-    text += std::string(entry.name) + (why ? ": no: " + *why : ": yes") + "\n";
-  }
-  return text;
-}
-
 }  // namespace torch_mla

@@ -296,10 +296,10 @@ std::string resolve_core_name(const at::Tensor& like, const c10::SymInt& dim_nop
   return chosen;
 }
 
-std::string explain_choice(const CoreQuery& query, const std::string& core) {
-  std::string text = choose_core(query, requested_core(core)) + "\n";
+std::string explain_choice(const CoreQuery& query, const std::string& core, bool sparse) {
+  std::string text = choose_core(query, sparse ? core : requested_core(core), sparse) + "\n";
   for (const CoreEntry& entry : core_table()) {
-    const Reason why = entry_declines(entry, query, /*sparse=*/false);
+    const Reason why = entry_declines(entry, query, sparse);
     text += std::string(entry.name) + (why ? ": no: " + *why : ": yes") + "\n";
   }
   return text;

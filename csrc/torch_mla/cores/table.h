@@ -98,8 +98,10 @@ std::string resolve_core_name(const at::Tensor& like, const c10::SymInt& dim_nop
                               const std::string& core);
 
 // choose_core as text, for torch_mla.explain: the chosen core on the first line, then one line per
-// core, "name: yes" or "name: no: why".
-std::string explain_choice(const CoreQuery& query, const std::string& core);
+// core, "name: yes" or "name: no: why". `sparse`: over the cores' sparse forms, for a sparse call
+// whose `core` is already resolved (resolve_sparse_core); the dense shortcut, which depends on the
+// indices, is the caller's to add (ops/cores.cpp).
+std::string explain_choice(const CoreQuery& query, const std::string& core, bool sparse = false);
 
 // The archs this build compiled the `cuda` core for (CMake's TORCH_MLA_CUDA_ARCHS); empty when it
 // has no CUDA kernels.

@@ -32,7 +32,7 @@ std::string explain_sparse(const at::Tensor& q, const at::Tensor& kv_latent, con
   const SparseDims s = check_sparse_inputs(q, kv_latent, k_rope, wkv_b, topk_indices, cu_seqlens);
   const std::string name = resolve_sparse_core(std::string(core));
   const CoreQuery query = query_for(q, s.mla.dim_nope, s.mla.dim_rope, s.mla.dim_v, s.mla.varlen);
-  const std::string lines = explain_sparse_choice(query, name);
+  const std::string lines = explain_choice(query, name, /*sparse=*/true);
   const Sequences seqs = naming_errors_as(
       kSparseOp, [&] { return make_sequences(s.mla, cu_seqlens, /*max_seqlen=*/0, topk_indices.is_cpu()); });
   const char* declines = dense_shortcut_declines(topk_indices, seqs, name);
@@ -59,7 +59,7 @@ std::string choose_core_for(c10::string_view device, int64_t capability, at::Sca
   query.cudnn_version = cudnn_version;
   query.kernel_archs.assign(kernel_archs.begin(), kernel_archs.end());
   query.simt_built = simt_built;
-  return sparse ? explain_sparse_choice(query, resolve_sparse_core(std::string(core)))
+  return sparse ? explain_choice(query, resolve_sparse_core(std::string(core)), /*sparse=*/true)
                 : explain_choice(query, std::string(core));
 }
 

@@ -245,14 +245,15 @@ def latent_attention(
         if getattr(attn, "record_max_logits", False):
             raise ValueError("record_max_logits needs save='q' or save='q_latent': the latent-only block "
                              "(save='latent') does not return max logits")
+        q_a = hidden_states if proj.q_a_proj is None else proj.q_a_proj(hidden_states)
         topk_indices = None
         if dsa is not None and dsa.mode == "sparse":
             q_input = None
             if dsa.given is None:
                 with torch.no_grad():  # the indexer reads q's latent detached: nothing to keep for it
-                    q_input = hidden_states if proj.q_a_proj is None else proj.q_norm(proj.q_a_proj(hidden_states))
+                    q_input = q_a if proj.q_a_proj is None else proj.q_norm(q_a)
             topk_indices = dsa.select(hidden_states, q_input, cos, sin, cu_seqlens, max_seqlen)
-        return _latent_only_block(attn, proj, hidden_states, cos, sin, glue=glue, cu_seqlens=cu_seqlens,
+        return _latent_only_block(attn, proj, hidden_states, q_a, cos, sin, glue=glue, cu_seqlens=cu_seqlens,
                                   max_seqlen=max_seqlen, topk_indices=topk_indices), None, None
     dim_nope, dim_rope = glue.qk_nope_head_dim, glue.qk_rope_head_dim
     rotates = glue.rope_layout != "none" and dim_rope > 0
@@ -309,11 +310,13 @@ def latent_attention(
     return proj.o_proj(out.flatten(-2)), kv_latent, k_rope
 
 
-def _latent_only_block(attn: nn.Module, proj: Projections, hidden_states: torch.Tensor, cos: torch.Tensor,
-                       sin: torch.Tensor, *, glue: MlaGlue, cu_seqlens: Optional[torch.Tensor],
+def _latent_only_block(attn: nn.Module, proj: Projections, hidden_states: torch.Tensor, q_a: torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor, *, glue: MlaGlue, cu_seqlens: Optional[torch.Tensor],
                        max_seqlen: Optional[int], topk_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
     """latent_attention with ``save="latent"``: q_a_proj and kv_a_proj_with_mqa as modules (they
     keep the hidden states for their weights' grads), everything after them in mla_attention_block.
+    q_a: q_a_proj(hidden_states) (the hidden states without a q latent), computed by the caller,
+    which also hands it, normed, to a DSA indexer.
 
     Under tensor parallelism each rank runs its heads on the local weight shards: q_a, kv_a and the
     norm weights are replicated inputs of the head-sharded op (their grads summed over the mesh),
@@ -321,7 +324,6 @@ def _latent_only_block(attn: nn.Module, proj: Projections, hidden_states: torch.
     (as RowwiseParallel does). The block normalises kv_latent inside, so glue.kv_scale is folded
     into kv_a_layernorm's weight as the op takes it (the parameter itself is unchanged).
     """
-    q_a = hidden_states if proj.q_a_proj is None else proj.q_a_proj(hidden_states)
     q_norm, kv_norm = proj.q_norm, proj.kv_norm
     wq_b_param, wkv_b_param, wo_param = proj.q_proj.weight, proj.kv_b_proj.weight, proj.o_proj.weight
     wkv_b = proj.local(wkv_b_param)
